@@ -1,0 +1,74 @@
+"""The one list of diffusers-ext's public components, read by the lazy imports, the CLI, the README table and the
+Hub cards. Adding a component means adding one ``Component`` here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Component:
+    """A public component.
+
+    Attributes:
+        name: the class or function users import, ``from diffusers_ext import <name>``.
+        kind: ``scheduler``, ``pipeline``, ``model``, ``trainer``, ``guidance`` or ``oracle``.
+        module: the module defining it.
+        summary: one line on what it does.
+        paper: the paper's title, ``None`` for the project's own tools.
+        arxiv: the paper's arXiv id.
+        status: ``stable`` or ``experimental``.
+    """
+
+    name: str
+    kind: str
+    module: str
+    summary: str
+    paper: str | None = None
+    arxiv: str | None = None
+    status: str = "stable"
+
+    @property
+    def paper_link(self) -> str:
+        if self.paper is None:
+            return "—"
+        return f"[{self.paper}](https://arxiv.org/abs/{self.arxiv})" if self.arxiv else self.paper
+
+
+COMPONENTS: tuple[Component, ...] = (
+    Component(
+        "GaussianMixtureDenoiser",
+        "oracle",
+        "diffusers_ext.testing",
+        "Exact epsilon / x0 / v / flow prediction of a Gaussian-mixture law under any VP or flow-matching schedule",
+    ),
+    Component(
+        "GaussianMixtureSamplingPipeline",
+        "oracle",
+        "diffusers_ext.testing",
+        "The stock sampling loop on an oracle with any scheduler, returning unclamped samples",
+    ),
+)
+
+# Helpers exported at the top level that are not components.
+HELPERS: dict[str, str] = {
+    "save_for_hub": "diffusers_ext.hub",
+    "push_to_hub": "diffusers_ext.hub",
+    "render_model_card": "diffusers_ext.hub",
+}
+
+
+def list_components(kind: str | None = None) -> list[Component]:
+    """All public components, or those of one ``kind``."""
+    return [c for c in COMPONENTS if kind is None or c.kind == kind]
+
+
+def find_component(name: str) -> Component | None:
+    return next((c for c in COMPONENTS if c.name == name), None)
+
+
+def components_markdown_table() -> str:
+    """The README's feature table."""
+    rows = ["| component | kind | paper | status |", "| --- | --- | --- | --- |"]
+    rows += [f"| `{c.name}` | {c.kind} | {c.paper_link} | {c.status} |" for c in COMPONENTS]
+    return "\n".join(rows)

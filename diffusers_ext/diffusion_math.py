@@ -1,0 +1,130 @@
+"""Noise-process math shared by every diffusers-ext component; each conversion is written once, here.
+
+Every path we support writes a noisy sample as
+
+    x_t = alpha_t * x0 + sigma_t * eps,        eps ~ N(0, I)
+
+- VP (the DDPM family: DDIM, DPM-Solver, UniPC, Euler, DEIS, ...):
+  ``alpha_t = sqrt(alphas_cumprod[t])``, ``sigma_t = sqrt(1 - alphas_cumprod[t])``.
+- Rectified flow (``FlowMatchEulerDiscreteScheduler`` and the SD3 / Flux pipelines):
+  ``s = t / num_train_timesteps``, ``alpha_t = 1 - s``, ``sigma_t = s``.
+
+A network predicts one of four targets; with ``x = x_t`` they are
+
+    epsilon:          eps
+    sample:           x0
+    v_prediction:     v = alpha_t * eps - sigma_t * x0
+    flow_prediction:  u = eps - x0                       (dx/ds along the rectified-flow path)
+
+and the inverse maps below solve the 2x2 linear system {x, prediction} -> {x0, eps} in closed form,
+so they hold for any (alpha_t, sigma_t), not only for alpha_t**2 + sigma_t**2 == 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
+
+VP_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                    "rescale_betas_zero_snr")
+
+
+def check_prediction_type(prediction_type: str) -> str:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    return prediction_type
+
+
+def noise_path_from_scheduler_config(scheduler_config: Mapping[str, Any]) -> str:
+    """Which forward process a diffusers scheduler config describes: ``"vp"`` or ``"flow"``.
+
+    Raises a ``ValueError`` naming the keys it found when the config describes neither (for example an EDM or
+    variance-exploding config, whose noise levels are not a function of ``num_train_timesteps`` alone).
+    """
+    if not isinstance(scheduler_config, Mapping):
+        raise TypeError(f"scheduler_config must be a mapping (a scheduler's .config), got {type(scheduler_config)}")
+    class_name = str(scheduler_config.get("_class_name", ""))
+    if class_name.startswith("FlowMatch") or "shift" in scheduler_config:
+        return "flow"
+    vp_markers = {"beta_schedule", "beta_start", "beta_end", "trained_betas"}
+    if vp_markers & set(scheduler_config):
+        return "vp"
+    raise ValueError(
+        "cannot read a noise schedule from this scheduler config: expected a VP schedule (keys "
+        f"{sorted(vp_markers)}) or a flow-matching one (key 'shift' or a FlowMatch* class); "
+        f"got _class_name={class_name or None!r} and keys {sorted(k for k in scheduler_config if not k.startswith('_'))}"
+    )
+
+
+def vp_alphas_cumprod(scheduler_config: Mapping[str, Any]) -> torch.Tensor:
+    """``alphas_cumprod`` of a VP scheduler config, computed by diffusers' own ``DDPMScheduler`` (float32, as every
+    VP scheduler holds it), so that our math and the samplers' math cannot disagree."""
+    from diffusers import DDPMScheduler
+
+    schedule = {key: scheduler_config[key] for key in VP_SCHEDULE_KEYS if key in scheduler_config}
+    try:
+        return DDPMScheduler(**schedule).alphas_cumprod.clone()
+    except NotImplementedError as error:
+        raise ValueError(f"unsupported beta_schedule in scheduler config: {error}") from error
+
+
+def vp_alpha_sigma(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(alpha_t, sigma_t)`` at (possibly fractional) training timesteps of a VP schedule.
+
+    Between integer timesteps the noise-to-signal ratio ``sqrt((1 - abar) / abar)`` is interpolated linearly in
+    ``t``, exactly as ``EulerDiscreteScheduler.set_timesteps`` does (``np.interp``) for the fractional timesteps it
+    hands the model; integer timesteps are exact.
+    """
+    abar = alphas_cumprod.to(device=timesteps.device, dtype=torch.float64)
+    t = timesteps.to(torch.float64).clamp(0, abar.numel() - 1)
+    low = t.floor().long()
+    high = (low + 1).clamp(max=abar.numel() - 1)
+    frac = t - low
+    noise_ratio = ((1 - abar) / abar).sqrt()
+    ratio = torch.where(frac == 0, noise_ratio[low], torch.lerp(noise_ratio[low], noise_ratio[high], frac))
+    alpha = (1 + ratio**2).rsqrt()
+    return alpha, ratio * alpha
+
+
+def flow_alpha_sigma(timesteps: torch.Tensor, num_train_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(alpha_t, sigma_t) = (1 - s, s)`` with ``s = t / num_train_timesteps`` (the FlowMatch timestep scale)."""
+    s = (timesteps.to(torch.float64) / num_train_timesteps).clamp(0, 1)
+    return 1 - s, s
+
+
+def x0_and_eps_from_prediction(
+    prediction: torch.Tensor, sample: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve ``x = alpha x0 + sigma eps`` together with the prediction's definition for ``(x0, eps)``."""
+    if prediction_type == "epsilon":
+        eps = prediction
+        return (sample - sigma * eps) / alpha, eps
+    if prediction_type == "sample":
+        x0 = prediction
+        return x0, (sample - alpha * x0) / sigma
+    if prediction_type == "v_prediction":
+        norm = alpha**2 + sigma**2
+        return (alpha * sample - sigma * prediction) / norm, (sigma * sample + alpha * prediction) / norm
+    if prediction_type == "flow_prediction":
+        norm = alpha + sigma
+        return (sample - sigma * prediction) / norm, (sample + alpha * prediction) / norm
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def prediction_from_x0_and_eps(
+    x0: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """The network target of ``prediction_type`` given the clean sample and the noise."""
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "sample":
+        return x0
+    if prediction_type == "v_prediction":
+        return alpha * eps - sigma * x0
+    if prediction_type == "flow_prediction":
+        return eps - x0
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")

@@ -1,0 +1,29 @@
+"""Exact oracles and metrics: the ground truth every diffusers-ext component is measured against."""
+
+from .gaussian_mixture import GaussianMixture
+from .metrics import (
+    NoiseFloor,
+    distance_to_reference,
+    mixture_weight_error,
+    random_directions,
+    sliced_wasserstein2,
+    sliced_wasserstein2_noise_floor,
+)
+from .oracle import GaussianMixtureDenoiser, GaussianMixtureDenoiserOutput
+from .pipeline_gaussian_mixture import GaussianMixtureSamplingPipeline, GaussianMixtureSamplingPipelineOutput
+from .reference import probability_flow_ode_solution
+
+__all__ = [
+    "GaussianMixture",
+    "GaussianMixtureDenoiser",
+    "GaussianMixtureDenoiserOutput",
+    "GaussianMixtureSamplingPipeline",
+    "GaussianMixtureSamplingPipelineOutput",
+    "NoiseFloor",
+    "distance_to_reference",
+    "mixture_weight_error",
+    "probability_flow_ode_solution",
+    "random_directions",
+    "sliced_wasserstein2",
+    "sliced_wasserstein2_noise_floor",
+]

@@ -1,0 +1,131 @@
+"""``GaussianMixtureDenoiser``: a diffusers model whose output is exact, for measuring samplers against the truth."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import ModelMixin
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.utils import BaseOutput
+
+from ..diffusion_math import (
+    check_prediction_type,
+    flow_alpha_sigma,
+    noise_path_from_scheduler_config,
+    prediction_from_x0_and_eps,
+    vp_alpha_sigma,
+    vp_alphas_cumprod,
+)
+from .gaussian_mixture import GaussianMixture
+
+
+@dataclass
+class GaussianMixtureDenoiserOutput(BaseOutput):
+    """``sample``: the exact prediction, in the input's shape and dtype (the field name ``UNet2DModel`` uses)."""
+
+    sample: torch.Tensor
+
+
+class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
+    r"""The exact denoiser of a Gaussian-mixture data law, usable wherever diffusers expects a ``unet``.
+
+    No paper: this is the project's test oracle. For data ``x0 ~ sum_k w_k N(mu_k, Sigma_k)`` and the forward process
+    of ``scheduler_config``, ``x_t = alpha_t x0 + sigma_t eps``, it returns the exact minimiser of the diffusion
+    training loss for ``prediction_type``:
+
+        x0_hat  = E[x0 | x_t]                          (closed form, see ``GaussianMixture.posterior_mean``)
+        eps_hat = (x_t - alpha_t x0_hat) / sigma_t
+        output  = eps_hat | x0_hat | alpha_t eps_hat - sigma_t x0_hat | eps_hat - x0_hat
+                  (epsilon | sample | v_prediction | flow_prediction)
+
+    ``(alpha_t, sigma_t)`` come from ``diffusers_ext.diffusion_math``: the VP schedule read from a DDPM-family
+    scheduler config (``beta_schedule``, ``beta_start``, ``beta_end``, ``trained_betas``, ``rescale_betas_zero_snr``),
+    or the rectified-flow path ``(1 - t/N, t/N)`` for a ``FlowMatch*`` config. The computation runs in float64 and the
+    output is cast to the input's dtype.
+
+    Args:
+        means: ``K x D`` component means.
+        covariances: ``K`` isotropic variances, ``K x D`` diagonals or ``K x D x D`` matrices.
+        weights: ``K`` mixture weights summing to one (uniform if omitted).
+        scheduler_config: the config of the scheduler the model is paired with (``scheduler.config``); when omitted,
+            ``DDPMScheduler``'s default linear VP schedule.
+        prediction_type: what the model outputs; defaults to the scheduler config's ``prediction_type``, else
+            ``"epsilon"`` for VP and ``"flow_prediction"`` for flow configs.
+        sample_size, in_channels: the shape ``(in_channels, H, W)`` pipelines allocate for one sample
+            (``sample_size`` is ``H == W`` or ``(H, W)``); ``in_channels * H * W`` must equal ``D``.
+            ``in_channels`` defaults to ``D / (H * W)``.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        means: Sequence[Sequence[float]],
+        covariances: Sequence,
+        weights: Sequence[float] | None = None,
+        scheduler_config: Mapping[str, Any] | None = None,
+        prediction_type: str | None = None,
+        sample_size: int | Sequence[int] = 1,
+        in_channels: int | None = None,
+    ):
+        super().__init__()
+        self.law = GaussianMixture(means, covariances, weights)
+
+        schedule = dict(scheduler_config) if scheduler_config is not None else {"beta_schedule": "linear"}
+        self.noise_path = noise_path_from_scheduler_config(schedule)
+        self.num_train_timesteps = int(schedule.get("num_train_timesteps", 1000))
+        if self.noise_path == "vp":
+            self.alphas_cumprod = vp_alphas_cumprod(schedule)
+        default_prediction = "epsilon" if self.noise_path == "vp" else "flow_prediction"
+        prediction_type = check_prediction_type(prediction_type or schedule.get("prediction_type", default_prediction))
+        if prediction_type == "flow_prediction" and self.noise_path != "flow":
+            raise ValueError("prediction_type='flow_prediction' needs a flow-matching scheduler_config")
+        self.register_to_config(prediction_type=prediction_type)
+
+        height, width = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
+        if in_channels is None:
+            in_channels = self.law.dim // (height * width)
+        if in_channels * height * width != self.law.dim:
+            raise ValueError(
+                f"in_channels * H * W = {in_channels} * {height} * {width} does not match the mixture's dimension "
+                f"{self.law.dim} (means have shape {tuple(self.law.means.shape)})"
+            )
+        self.register_to_config(in_channels=in_channels)
+        self.sample_shape = (in_channels, height, width)
+        # ModelMixin saves, loads and reports dtype/device through tensors; the law itself lives in the config.
+        self.register_buffer("dtype_anchor", torch.zeros(0))
+        self._law_on_device = {}
+
+    def alpha_sigma(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha_t, sigma_t)`` in float64 at training timesteps (scalars or a batch)."""
+        timesteps = torch.as_tensor(timesteps)
+        if self.noise_path == "vp":
+            return vp_alpha_sigma(timesteps, self.alphas_cumprod)
+        return flow_alpha_sigma(timesteps, self.num_train_timesteps)
+
+    def law_on(self, device: torch.device) -> GaussianMixture:
+        if device not in self._law_on_device:
+            self._law_on_device[device] = self.law.to(device)
+        return self._law_on_device[device]
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor | float | int, return_dict: bool = True
+    ) -> GaussianMixtureDenoiserOutput | tuple[torch.Tensor]:
+        batch = sample.shape[0]
+        if sample[0].numel() != self.law.dim:
+            raise ValueError(
+                f"sample of shape {tuple(sample.shape)} has {sample[0].numel()} values per item; "
+                f"this oracle models {self.law.dim} (shape {self.sample_shape})"
+            )
+        timestep = torch.as_tensor(timestep, device=sample.device)
+        timestep = timestep.expand(batch) if timestep.ndim == 0 else timestep.reshape(batch)
+        alpha, sigma = self.alpha_sigma(timestep)
+        x = sample.reshape(batch, -1).to(torch.float64)
+        x0 = self.law_on(sample.device).posterior_mean(x, alpha, sigma)
+        alpha, sigma = alpha[:, None], sigma[:, None]
+        eps = (x - alpha * x0) / sigma
+        prediction = prediction_from_x0_and_eps(x0, eps, alpha, sigma, self.config.prediction_type)
+        prediction = prediction.reshape(sample.shape).to(sample.dtype)
+        return GaussianMixtureDenoiserOutput(sample=prediction) if return_dict else (prediction,)

@@ -1,0 +1,1 @@
+"""Pipelines diffusers lacks (restoration, text, video, 3D), each a ``DiffusionPipeline`` subclass."""
