@@ -61,13 +61,15 @@ class GaussianMixtureSamplingPipeline(DiffusionPipeline):
         if output_type not in ("pt", "np"):
             raise ValueError(f"output_type must be 'pt' or 'np', got {output_type!r}")
         shape = (batch_size, *self.unet.sample_shape)
+        # As in stock pipelines: timesteps first, since init_noise_sigma may depend on them.
+        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        latents = latents.to(self._execution_device) * self.scheduler.init_noise_sigma
+        # Flow-matching schedulers have no init_noise_sigma: their x_T is the unit-variance noise itself.
+        latents = latents.to(self._execution_device) * getattr(self.scheduler, "init_noise_sigma", 1.0)
 
-        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = self.scheduler.scale_model_input(latents, t) if hasattr(self.scheduler, "scale_model_input") else latents

@@ -1,0 +1,278 @@
+"""Sampler accuracy on the exact oracles: error versus NFE, the yardstick every new sampler is measured with.
+
+For each scheduler, data dimension and NFE budget, the same starting noise is sampled through the stock loop
+(``GaussianMixtureSamplingPipeline``) and compared with
+
+- the exact law: sliced W2 against a large exact sample, next to its noise floor (what exact samples of the same size
+  score) and its ODE limit (what the exact ODE endpoints of the same noise score: the error no step count removes,
+  such as a schedule's non-zero terminal SNR making ``x_T ~ N(0, I)`` differ from the true marginal at ``T``);
+- the exact probability-flow ODE endpoints of the same noise (``probability_flow_ode_solution``);
+- the mixture weights (total variation of the component fractions).
+
+NFE is counted, not assumed: each scheduler gets the largest ``num_inference_steps`` whose denoiser calls fit the
+budget, found by a dry run.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.utils import logging
+from tqdm.auto import tqdm
+
+from ..diffusion_math import noise_path_from_scheduler_config
+from .gaussian_mixture import GaussianMixture
+from .metrics import distance_to_reference, mixture_weight_error, sliced_wasserstein2, sliced_wasserstein2_noise_floor
+from .oracle import GaussianMixtureDenoiser
+from .pipeline_gaussian_mixture import GaussianMixtureSamplingPipeline
+from .reference import probability_flow_ode_solution
+
+# Stable Diffusion 1.x's published scheduler config and SD3's: schedulers are built from them with ``from_config``,
+# as users swap samplers, so each keeps its own defaults for everything else.
+SD_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "trained_betas": None,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+}
+SD3_SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+
+BUILTIN_SCHEDULERS = {
+    "DDIM": DDIMScheduler,
+    "DPM-Solver++ 2M": DPMSolverMultistepScheduler,
+    "UniPC": UniPCMultistepScheduler,
+    "Euler": EulerDiscreteScheduler,
+    "DEIS": DEISMultistepScheduler,
+    "FlowMatchEuler": FlowMatchEulerDiscreteScheduler,
+}
+
+
+def benchmark_mixture(dim: int) -> GaussianMixture:
+    """The benchmark's data law in ``dim`` dimensions: unequal weights, anisotropic, well-separated components.
+
+    2-D: eight components on a circle of radius 2 (variance 0.01). Otherwise: six components with standard-normal
+    means and diagonal variances in [0.02, 0.32], drawn from a fixed seed.
+    """
+    if dim == 2:
+        angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
+        means = 2 * torch.stack([angles.cos(), angles.sin()], dim=1)
+        weights = torch.tensor([8, 7, 6, 5, 4, 3, 2, 1], dtype=torch.float64)
+        return GaussianMixture(means, torch.full((8,), 0.01), weights / weights.sum())
+    generator = torch.Generator().manual_seed(dim)
+    means = torch.randn(6, dim, generator=generator, dtype=torch.float64)
+    variances = 0.02 + 0.3 * torch.rand(6, dim, generator=generator, dtype=torch.float64)
+    return GaussianMixture(means, variances, [0.3, 0.25, 0.2, 0.12, 0.08, 0.05])
+
+
+def _sample_shape(dim: int) -> tuple[int, int]:
+    """(in_channels, sample_size): a 4-channel square latent where ``dim`` allows, else a single pixel."""
+    side = math.isqrt(dim // 4) if dim % 4 == 0 else 0
+    return (4, side) if side and 4 * side * side == dim else (dim, 1)
+
+
+def oracle_for(law: GaussianMixture, scheduler_config: Mapping) -> GaussianMixtureDenoiser:
+    in_channels, sample_size = _sample_shape(law.dim)
+    return GaussianMixtureDenoiser(
+        means=law.means.tolist(),
+        covariances=law.covariances.tolist(),
+        weights=law.weights.tolist(),
+        scheduler_config=dict(scheduler_config),
+        sample_size=sample_size,
+        in_channels=in_channels,
+    ).eval()
+
+
+def scheduler_from_pipeline_config(scheduler_class) -> tuple[object, str]:
+    """Build ``scheduler_class`` the way a user swaps it into SD 1.x (VP) or SD3 (flow); returns it and the path."""
+    path = noise_path_from_scheduler_config(scheduler_class().config)
+    base = SD_SCHEDULER_CONFIG if path == "vp" else SD3_SCHEDULER_CONFIG
+    return scheduler_class.from_config(base), path
+
+
+class _CallCounter:
+    def __init__(self, module: torch.nn.Module):
+        self.calls = 0
+        self._handle = module.register_forward_hook(self._count)
+
+    def _count(self, *_):
+        self.calls += 1
+
+    def remove(self):
+        self._handle.remove()
+
+
+def steps_for_budget(pipe: GaussianMixtureSamplingPipeline, nfe: int) -> tuple[int, int]:
+    """The largest ``num_inference_steps`` whose denoiser calls are at most ``nfe``, and that call count."""
+    counter = _CallCounter(pipe.unet)
+    try:
+        for steps in range(nfe, 0, -1):
+            counter.calls = 0
+            pipe(batch_size=1, num_inference_steps=steps, generator=torch.Generator().manual_seed(0))
+            if counter.calls <= nfe:
+                return steps, counter.calls
+    finally:
+        counter.remove()
+    raise ValueError(f"no step count fits an NFE budget of {nfe}")
+
+
+@dataclass
+class AccuracyRow:
+    scheduler: str
+    path: str
+    dim: int
+    nfe: int
+    steps: int
+    ode_error: float
+    sw2: float
+    sw2_floor: float
+    sw2_ode_limit: float
+    sw2_excess: float
+    weight_error: float
+
+
+@dataclass
+class AccuracyReport:
+    rows: list[AccuracyRow]
+    floors: dict[tuple[int, str], float]
+    ode_limits: dict[tuple[int, str], float]
+    samples_2d: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    truth_2d: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def table(self) -> str:
+        header = (f"{'scheduler':<18}{'dim':>4}{'NFE':>5}{'steps':>6}{'ODE err':>11}{'SW2':>9}{'floor':>9}"
+                  f"{'ODE lim':>9}{'excess':>9}{'w err':>8}")
+        lines = [header, "-" * len(header)]
+        for r in self.rows:
+            lines.append(
+                f"{r.scheduler:<18}{r.dim:>4}{r.nfe:>5}{r.steps:>6}{r.ode_error:>11.2e}{r.sw2:>9.4f}"
+                f"{r.sw2_floor:>9.4f}{r.sw2_ode_limit:>9.4f}{r.sw2_excess:>9.4f}{r.weight_error:>8.3f}"
+            )
+        return "\n".join(lines)
+
+    def best(self, dim: int, nfe: int, metric: str = "sw2_excess") -> AccuracyRow:
+        return min((r for r in self.rows if r.dim == dim and r.nfe == nfe), key=lambda r: getattr(r, metric))
+
+    def write_csv(self, path: str | Path) -> None:
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(asdict(self.rows[0])))
+            writer.writeheader()
+            writer.writerows(asdict(r) for r in self.rows)
+
+
+def measure_sampler_accuracy(
+    schedulers: Mapping[str, type] | None = None,
+    dims: Iterable[int] = (2, 64),
+    nfes: Iterable[int] = (5, 10, 20, 50),
+    num_samples: int = 2048,
+    seed: int = 0,
+    progress: bool = True,
+) -> AccuracyReport:
+    """Measure each scheduler class (default: ``BUILTIN_SCHEDULERS``) on the benchmark mixtures."""
+    schedulers = dict(schedulers or BUILTIN_SCHEDULERS)
+    dims, nfes = list(dims), sorted(nfes)
+    report = AccuracyReport(rows=[], floors={}, ode_limits={})
+    references = {}
+    logging.set_verbosity_error()
+    jobs = [(name, dim) for dim in dims for name in schedulers]
+    for name, dim in tqdm(jobs, desc="sampler accuracy", disable=not progress):
+        scheduler, path = scheduler_from_pipeline_config(schedulers[name])
+        law = benchmark_mixture(dim)
+        oracle = oracle_for(law, scheduler.config)
+        pipe = GaussianMixtureSamplingPipeline(unet=oracle, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        noise = torch.randn(num_samples, *oracle.sample_shape, generator=torch.Generator().manual_seed(seed))
+        if (dim, path) not in references:
+            truth = law.sample(16 * num_samples, torch.Generator().manual_seed(seed + 1))
+            reference = probability_flow_ode_solution(oracle, noise, rtol=1e-8, atol=1e-8)
+            references[dim, path] = reference, truth
+            report.floors[dim, path] = sliced_wasserstein2_noise_floor(law, truth, num_samples, seed=seed + 2).mean
+            report.ode_limits[dim, path] = sliced_wasserstein2(reference, truth)
+            if dim == 2:
+                report.truth_2d[path] = truth[:num_samples]
+        reference, truth = references[dim, path]
+        floor, ode_limit = report.floors[dim, path], report.ode_limits[dim, path]
+        for nfe in nfes:
+            steps, calls = steps_for_budget(pipe, nfe)
+            samples = pipe(batch_size=num_samples, num_inference_steps=steps, latents=noise.clone()).samples
+            sw2 = sliced_wasserstein2(samples, truth)
+            report.rows.append(AccuracyRow(
+                scheduler=name, path=path, dim=dim, nfe=calls, steps=steps,
+                ode_error=distance_to_reference(samples, reference), sw2=sw2, sw2_floor=floor,
+                sw2_ode_limit=ode_limit, sw2_excess=sw2 - floor, weight_error=mixture_weight_error(samples, law),
+            ))
+            if dim == 2:
+                report.samples_2d[name, calls] = samples.detach().double()
+    return report
+
+
+def plot_accuracy(report: AccuracyReport, path: str | Path) -> None:
+    """Error versus NFE (log-log) per dimension: distance to the exact ODE solution, and sliced W2 with its floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dims = sorted({r.dim for r in report.rows})
+    names = list(dict.fromkeys(r.scheduler for r in report.rows))
+    fig, axes = plt.subplots(len(dims), 2, figsize=(11, 4.2 * len(dims)), squeeze=False)
+    for row_axes, dim in zip(axes, dims):
+        for name in names:
+            rows = [r for r in report.rows if r.dim == dim and r.scheduler == name]
+            nfe = [r.nfe for r in rows]
+            row_axes[0].loglog(nfe, [r.ode_error for r in rows], "o-", label=name)
+            row_axes[1].semilogx(nfe, [r.sw2 for r in rows], "o-", label=name)
+        for floor in {r.sw2_floor for r in report.rows if r.dim == dim}:
+            row_axes[1].axhline(floor, color="gray", linestyle="--", linewidth=1)
+        for limit in {r.sw2_ode_limit for r in report.rows if r.dim == dim}:
+            row_axes[1].axhline(limit, color="gray", linestyle=":", linewidth=1)
+        row_axes[0].set(title=f"{dim}-D: distance to exact PF-ODE solution", xlabel="NFE", ylabel="mean RMS distance")
+        row_axes[1].set(title=f"{dim}-D: sliced W2 (dashed: noise floor, dotted: ODE limits)", xlabel="NFE", ylabel="SW2")
+        for ax in row_axes:
+            ax.grid(True, which="both", alpha=0.3)
+        row_axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_samples_2d(report: AccuracyReport, path: str | Path) -> None:
+    """2-D samples of each scheduler at the smallest NFE, over exact samples of the law."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report.rows if r.dim == 2]
+    smallest = min(r.nfe for r in rows)
+    rows = [r for r in rows if r.nfe == smallest]
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.4), squeeze=False)
+    for ax, row in zip(axes[0], rows):
+        truth, samples = report.truth_2d[row.path], report.samples_2d[row.scheduler, row.nfe]
+        ax.scatter(truth[:, 0], truth[:, 1], s=2, color="lightgray")
+        ax.scatter(samples[:, 0], samples[:, 1], s=2)
+        ax.set(title=f"{row.scheduler}, NFE {row.nfe}", xlim=(-3, 3), ylim=(-3, 3), aspect="equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("2-D samples (colour) over exact samples (grey)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
