@@ -3,6 +3,7 @@
 from .gaussian_mixture import GaussianMixture
 from .metrics import (
     NoiseFloor,
+    SlicedWasserstein2,
     distance_to_reference,
     mixture_weight_error,
     random_directions,
@@ -20,6 +21,7 @@ __all__ = [
     "GaussianMixtureSamplingPipeline",
     "GaussianMixtureSamplingPipelineOutput",
     "NoiseFloor",
+    "SlicedWasserstein2",
     "distance_to_reference",
     "mixture_weight_error",
     "probability_flow_ode_solution",

@@ -20,46 +20,66 @@ def random_directions(dim: int, num_projections: int, seed: int = 0) -> torch.Te
     return directions / directions.norm(dim=1, keepdim=True)
 
 
-def sliced_wasserstein2(x: torch.Tensor, y: torch.Tensor, num_projections: int = 256, seed: int = 0) -> float:
-    """Sliced Wasserstein-2 distance ``sqrt(E_theta W2^2(<theta, x>, <theta, y>))`` over random unit directions.
+def _sorted_quantiles(sorted_values: torch.Tensor, count: int) -> torch.Tensor:
+    """Linearly interpolated quantiles at levels ``(i + 1/2) / count`` of columns already sorted along dim 0."""
+    position = ((torch.arange(count, dtype=torch.float64) + 0.5) / count) * (sorted_values.shape[0] - 1)
+    low = position.floor().long()
+    high = (low + 1).clamp(max=sorted_values.shape[0] - 1)
+    frac = (position - low)[:, None]
+    return sorted_values[low] * (1 - frac) + sorted_values[high] * frac
 
-    Each 1-D ``W2`` is exact by sorting. When ``y`` is larger than ``x`` (a big exact sample standing in for the law),
-    ``x``'s sorted projections are compared with ``y``'s quantiles at levels ``(i + 1/2) / n``, which removes most of
-    the reference's own sampling noise.
+
+class SlicedWasserstein2:
+    """Sliced Wasserstein-2 distance to a fixed reference sample: ``sqrt(E_theta W2^2(<theta, x>, <theta, y>))``
+    over ``num_projections`` random unit directions ``theta``, each 1-D ``W2`` exact by sorting.
+
+    The reference ``y`` (typically a large exact sample standing in for the law) is projected and sorted once. Sets
+    ``x`` of ``num_samples`` points are compared with ``y``'s quantiles at levels ``(i + 1/2) / num_samples``, which
+    removes most of the reference's own sampling noise when ``y`` is larger than ``x``.
     """
-    x, y = _flat64(x), _flat64(y)
-    if x.shape[1] != y.shape[1] or y.shape[0] < x.shape[0]:
-        raise ValueError(
-            f"sliced_wasserstein2 needs sample sets of one dimension with y at least as large as x, "
-            f"got {tuple(x.shape)} and {tuple(y.shape)}"
-        )
-    directions = random_directions(x.shape[1], num_projections, seed)
-    projected_x = (x @ directions.T).sort(dim=0).values
-    projected_y = (y @ directions.T).sort(dim=0).values
-    if y.shape[0] != x.shape[0]:
-        levels = (torch.arange(x.shape[0], dtype=torch.float64) + 0.5) / x.shape[0]
-        projected_y = torch.quantile(projected_y, levels, dim=0)
-    return float(((projected_x - projected_y) ** 2).mean().sqrt())
+
+    def __init__(self, reference: torch.Tensor, num_samples: int, num_projections: int = 256, seed: int = 0):
+        reference = _flat64(reference)
+        if reference.shape[0] < num_samples:
+            raise ValueError(f"the reference needs at least num_samples={num_samples} points, has {reference.shape[0]}")
+        self.num_samples = num_samples
+        self.directions = random_directions(reference.shape[1], num_projections, seed)
+        sorted_reference = (reference @ self.directions.T).sort(dim=0).values
+        if reference.shape[0] != num_samples:
+            sorted_reference = _sorted_quantiles(sorted_reference, num_samples)
+        self.reference_quantiles = sorted_reference
+
+    def __call__(self, samples: torch.Tensor) -> float:
+        samples = _flat64(samples)
+        if samples.shape != (self.num_samples, self.directions.shape[1]):
+            raise ValueError(
+                f"expected {self.num_samples} samples of dimension {self.directions.shape[1]}, got {tuple(samples.shape)}"
+            )
+        projected = (samples @ self.directions.T).sort(dim=0).values
+        return float(((projected - self.reference_quantiles) ** 2).mean().sqrt())
+
+
+def sliced_wasserstein2(x: torch.Tensor, y: torch.Tensor, num_projections: int = 256, seed: int = 0) -> float:
+    """Sliced W2 between ``x`` and a reference ``y`` at least as large (see ``SlicedWasserstein2``)."""
+    x = _flat64(x)
+    if y.reshape(y.shape[0], -1).shape[1] != x.shape[1]:
+        raise ValueError(f"sample sets differ in dimension: {tuple(x.shape)} and {tuple(y.shape)}")
+    return SlicedWasserstein2(y, x.shape[0], num_projections, seed)(x)
 
 
 @dataclass
 class NoiseFloor:
-    """Sliced W2 between two independent exact draws of the same size: what a perfect sampler scores."""
+    """Sliced W2 of exact samples to the reference: what a perfect sampler scores (mean and spread)."""
 
     mean: float
     std: float
 
 
 def sliced_wasserstein2_noise_floor(
-    law: GaussianMixture, reference: torch.Tensor, num_samples: int, repeats: int = 8, num_projections: int = 256,
-    seed: int = 0,
+    law: GaussianMixture, distance: SlicedWasserstein2, repeats: int = 8, seed: int = 0
 ) -> NoiseFloor:
-    """What ``sliced_wasserstein2(exact_samples, reference)`` gives for exact samples of size ``num_samples``: the
-    score of a perfect sampler (mean and spread over ``repeats`` draws)."""
     generator = torch.Generator().manual_seed(seed)
-    values = torch.tensor([
-        sliced_wasserstein2(law.sample(num_samples, generator), reference, num_projections) for _ in range(repeats)
-    ])
+    values = torch.tensor([distance(law.sample(distance.num_samples, generator)) for _ in range(repeats)])
     return NoiseFloor(mean=float(values.mean()), std=float(values.std()))
 
 

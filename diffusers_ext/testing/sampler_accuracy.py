@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ..diffusion_math import noise_path_from_scheduler_config
 from .gaussian_mixture import GaussianMixture
-from .metrics import distance_to_reference, mixture_weight_error, sliced_wasserstein2, sliced_wasserstein2_noise_floor
+from .metrics import SlicedWasserstein2, distance_to_reference, mixture_weight_error, sliced_wasserstein2_noise_floor
 from .oracle import GaussianMixtureDenoiser
 from .pipeline_gaussian_mixture import GaussianMixtureSamplingPipeline
 from .reference import probability_flow_ode_solution
@@ -202,18 +202,19 @@ def measure_sampler_accuracy(
         noise = torch.randn(num_samples, *oracle.sample_shape, generator=torch.Generator().manual_seed(seed))
         if (dim, path) not in references:
             truth = law.sample(16 * num_samples, torch.Generator().manual_seed(seed + 1))
+            distance_to_law = SlicedWasserstein2(truth, num_samples)
             reference = probability_flow_ode_solution(oracle, noise, rtol=1e-8, atol=1e-8)
-            references[dim, path] = reference, truth
-            report.floors[dim, path] = sliced_wasserstein2_noise_floor(law, truth, num_samples, seed=seed + 2).mean
-            report.ode_limits[dim, path] = sliced_wasserstein2(reference, truth)
+            references[dim, path] = reference, distance_to_law
+            report.floors[dim, path] = sliced_wasserstein2_noise_floor(law, distance_to_law, seed=seed + 2).mean
+            report.ode_limits[dim, path] = distance_to_law(reference)
             if dim == 2:
                 report.truth_2d[path] = truth[:num_samples]
-        reference, truth = references[dim, path]
+        reference, distance_to_law = references[dim, path]
         floor, ode_limit = report.floors[dim, path], report.ode_limits[dim, path]
         for nfe in nfes:
             steps, calls = steps_for_budget(pipe, nfe)
             samples = pipe(batch_size=num_samples, num_inference_steps=steps, latents=noise.clone()).samples
-            sw2 = sliced_wasserstein2(samples, truth)
+            sw2 = distance_to_law(samples)
             report.rows.append(AccuracyRow(
                 scheduler=name, path=path, dim=dim, nfe=calls, steps=steps,
                 ode_error=distance_to_reference(samples, reference), sw2=sw2, sw2_floor=floor,
