@@ -235,7 +235,7 @@ def plot_accuracy(report: AccuracyReport, path: str | Path) -> None:
     dims = sorted({r.dim for r in report.rows})
     names = list(dict.fromkeys(r.scheduler for r in report.rows))
     fig, axes = plt.subplots(len(dims), 2, figsize=(11, 4.2 * len(dims)), squeeze=False)
-    for row_axes, dim in zip(axes, dims):
+    for row_axes, dim in zip(axes, dims, strict=True):
         for name in names:
             rows = [r for r in report.rows if r.dim == dim and r.scheduler == name]
             nfe = [r.nfe for r in rows]
@@ -266,7 +266,7 @@ def plot_samples_2d(report: AccuracyReport, path: str | Path) -> None:
     smallest = min(r.nfe for r in rows)
     rows = [r for r in rows if r.nfe == smallest]
     fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.4), squeeze=False)
-    for ax, row in zip(axes[0], rows):
+    for ax, row in zip(axes[0], rows, strict=True):
         truth, samples = report.truth_2d[row.path], report.samples_2d[row.scheduler, row.nfe]
         ax.scatter(truth[:, 0], truth[:, 1], s=2, color="lightgray")
         ax.scatter(samples[:, 0], samples[:, 1], s=2)
