@@ -2,6 +2,7 @@ import pytest
 import torch
 from conftest import make_oracle
 from diffusers import DDIMScheduler, HeunDiscreteScheduler
+from diffusers.utils import logging
 
 from diffusers_ext.testing import GaussianMixtureSamplingPipeline
 from diffusers_ext.testing.sampler_accuracy import (
@@ -24,10 +25,12 @@ def test_nfe_is_counted_not_assumed():
 
 
 def test_report_error_falls_with_nfe_and_plots(tmp_path):
+    verbosity = logging.get_verbosity()
     report = measure_sampler_accuracy(
         schedulers={"DDIM": DDIMScheduler, "Heun": HeunDiscreteScheduler},
         dims=(2,), nfes=(4, 40), num_samples=256, progress=False,
     )
+    assert logging.get_verbosity() == verbosity
     for name in ("DDIM", "Heun"):
         coarse, fine = (r for r in report.rows if r.scheduler == name)
         assert fine.nfe <= 40 and coarse.nfe <= 4

@@ -191,38 +191,45 @@ def measure_sampler_accuracy(
     dims, nfes = list(dims), sorted(nfes)
     report = AccuracyReport(rows=[], floors={}, ode_limits={})
     references = {}
-    logging.set_verbosity_error()
-    jobs = [(name, dim) for dim in dims for name in schedulers]
-    for name, dim in tqdm(jobs, desc="sampler accuracy", disable=not progress):
-        scheduler, path = scheduler_from_pipeline_config(schedulers[name])
-        law = benchmark_mixture(dim)
-        oracle = oracle_for(law, scheduler.config)
-        pipe = GaussianMixtureSamplingPipeline(unet=oracle, scheduler=scheduler)
-        pipe.set_progress_bar_config(disable=True)
-        noise = torch.randn(num_samples, *oracle.sample_shape, generator=torch.Generator().manual_seed(seed))
-        if (dim, path) not in references:
-            truth = law.sample(16 * num_samples, torch.Generator().manual_seed(seed + 1))
-            distance_to_law = SlicedWasserstein2(truth, num_samples)
-            reference = probability_flow_ode_solution(oracle, noise, rtol=1e-8, atol=1e-8)
-            references[dim, path] = reference, distance_to_law
-            report.floors[dim, path] = sliced_wasserstein2_noise_floor(law, distance_to_law, seed=seed + 2).mean
-            report.ode_limits[dim, path] = distance_to_law(reference)
-            if dim == 2:
-                report.truth_2d[path] = truth[:num_samples]
-        reference, distance_to_law = references[dim, path]
-        floor, ode_limit = report.floors[dim, path], report.ode_limits[dim, path]
-        for nfe in nfes:
-            steps, calls = steps_for_budget(pipe, nfe)
-            samples = pipe(batch_size=num_samples, num_inference_steps=steps, latents=noise.clone()).samples
-            sw2 = distance_to_law(samples)
-            report.rows.append(AccuracyRow(
-                scheduler=name, path=path, dim=dim, nfe=calls, steps=steps,
-                ode_error=distance_to_reference(samples, reference), sw2=sw2, sw2_floor=floor,
-                sw2_ode_limit=ode_limit, sw2_excess=sw2 - floor, weight_error=mixture_weight_error(samples, law),
-            ))
-            if dim == 2:
-                report.samples_2d[name, calls] = samples.detach().double()
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # from_config warns about every SD key a scheduler does not use
+    try:
+        for name, dim in tqdm([(n, d) for d in dims for n in schedulers], desc="sampler accuracy", disable=not progress):
+            _measure_one(report, references, schedulers[name], name, dim, nfes, num_samples, seed)
+    finally:
+        logging.set_verbosity(verbosity)
     return report
+
+
+def _measure_one(report, references, scheduler_class, name, dim, nfes, num_samples, seed) -> None:
+    scheduler, path = scheduler_from_pipeline_config(scheduler_class)
+    law = benchmark_mixture(dim)
+    oracle = oracle_for(law, scheduler.config)
+    pipe = GaussianMixtureSamplingPipeline(unet=oracle, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn(num_samples, *oracle.sample_shape, generator=torch.Generator().manual_seed(seed))
+    if (dim, path) not in references:
+        truth = law.sample(16 * num_samples, torch.Generator().manual_seed(seed + 1))
+        distance_to_law = SlicedWasserstein2(truth, num_samples)
+        reference = probability_flow_ode_solution(oracle, noise, rtol=1e-8, atol=1e-8)
+        references[dim, path] = reference, distance_to_law
+        report.floors[dim, path] = sliced_wasserstein2_noise_floor(law, distance_to_law, seed=seed + 2).mean
+        report.ode_limits[dim, path] = distance_to_law(reference)
+        if dim == 2:
+            report.truth_2d[path] = truth[:num_samples]
+    reference, distance_to_law = references[dim, path]
+    floor, ode_limit = report.floors[dim, path], report.ode_limits[dim, path]
+    for nfe in nfes:
+        steps, calls = steps_for_budget(pipe, nfe)
+        samples = pipe(batch_size=num_samples, num_inference_steps=steps, latents=noise.clone()).samples
+        sw2 = distance_to_law(samples)
+        report.rows.append(AccuracyRow(
+            scheduler=name, path=path, dim=dim, nfe=calls, steps=steps,
+            ode_error=distance_to_reference(samples, reference), sw2=sw2, sw2_floor=floor,
+            sw2_ode_limit=ode_limit, sw2_excess=sw2 - floor, weight_error=mixture_weight_error(samples, law),
+        ))
+        if dim == 2:
+            report.samples_2d[name, calls] = samples.detach().double()
 
 
 def plot_accuracy(report: AccuracyReport, path: str | Path) -> None:
