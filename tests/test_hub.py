@@ -127,7 +127,9 @@ def local_hub(tmp_path):
         offline = true
     """))
     olah = Path(sys.executable).parent / "olah-cli"
-    server = subprocess.Popen([str(olah), "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(  # olah writes ./logs in its working directory
+        [str(olah), "-c", str(config)], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
