@@ -104,7 +104,9 @@ class GaussianMixture:
         components = torch.multinomial(self.weights, num_samples, replacement=True, generator=generator)
         white = torch.randn(num_samples, self.dim, generator=generator, dtype=torch.float64, device=device)
         scaled = white * self.eigenvalues[components].sqrt()
-        samples = self.means[components] + torch.einsum("nde,ne->nd", self.eigenvectors[components], scaled)
+        if not self.is_diagonal:
+            scaled = torch.einsum("nde,ne->nd", self.eigenvectors[components], scaled)
+        samples = self.means[components] + scaled
         return (samples, components) if return_components else samples
 
     def _to_eigenbasis(self, vectors: torch.Tensor) -> torch.Tensor:
