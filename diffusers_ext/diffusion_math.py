@@ -84,10 +84,32 @@ def vp_alpha_sigma(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> tup
     low = t.floor().long()
     high = (low + 1).clamp(max=abar.numel() - 1)
     frac = t - low
-    noise_ratio = ((1 - abar) / abar).sqrt()
+    noise_ratio = vp_noise_ratio(abar)
     ratio = torch.where(frac == 0, noise_ratio[low], torch.lerp(noise_ratio[low], noise_ratio[high], frac))
     alpha = (1 + ratio**2).rsqrt()
     return alpha, ratio * alpha
+
+
+def vp_noise_ratio(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """``rho_t = sigma_t / alpha_t = sqrt((1 - abar_t) / abar_t)``: the DDIM / EDM noise level of a VP schedule
+    (what diffusers' Karras-style VP schedulers call ``sigmas``), float64."""
+    abar = alphas_cumprod.to(torch.float64)
+    return ((1 - abar) / abar).sqrt()
+
+
+def vp_timesteps_from_noise_ratio(noise_ratio: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The fractional training timesteps at which ``vp_alpha_sigma`` gives ``sigma / alpha == noise_ratio``: its exact
+    inverse (piecewise linear in ``t``), float64. Ratios outside the schedule's range raise ``ValueError``."""
+    grid = vp_noise_ratio(alphas_cumprod).to(noise_ratio.device)
+    rho = noise_ratio.to(torch.float64)
+    if (rho < grid[0]).any() or (rho > grid[-1]).any():
+        raise ValueError(
+            f"noise levels must lie in the schedule's range [{grid[0].item():.4g}, {grid[-1].item():.4g}], "
+            f"got [{rho.min().item():.4g}, {rho.max().item():.4g}]"
+        )
+    high = torch.searchsorted(grid, rho).clamp(1, grid.numel() - 1)
+    low = high - 1
+    return low + (rho - grid[low]) / (grid[high] - grid[low])
 
 
 def flow_alpha_sigma(timesteps: torch.Tensor, num_train_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:

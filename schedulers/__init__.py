@@ -1,1 +1,7 @@
 """Samplers from recent research, each a drop-in ``SchedulerMixin, ConfigMixin`` subclass (one file per method)."""
+
+from diffusers import SchedulerMixin  # noqa: F401  (diffusers' loader looks the base class up in this module)
+
+from .scheduling_er_sde import ERSDESolverScheduler
+
+__all__ = ["ERSDESolverScheduler"]

@@ -28,6 +28,7 @@ def probability_flow_ode_solution(
     rtol: float = 1e-9,
     atol: float = 1e-9,
     time_end: float = 1e-5,
+    timestep_end: float | None = None,
 ) -> torch.Tensor:
     """Map ``noise`` (the sample a pipeline starts from, ``x_T``) to the data point the exact PF-ODE reaches.
 
@@ -37,6 +38,8 @@ def probability_flow_ode_solution(
             before any ``init_noise_sigma`` scaling).
         timestep_start: training timestep of ``noise``; the last training timestep for VP
             (``num_train_timesteps - 1``) and ``num_train_timesteps`` (pure noise) for flow, by default.
+        timestep_end: stop the ODE at this training timestep and return the noisy sample ``x`` there (what a
+            sampler whose grid ends at that timestep returns) instead of the data point.
 
     Returns:
         ``(N, D)`` float64 endpoints.
@@ -62,6 +65,9 @@ def probability_flow_ode_solution(
             return state, 1.0 - s, s
 
         state_start, time_start = start_noise, sigma_start
+    if timestep_end is not None:
+        alpha_end, sigma_end = (float(v) for v in denoiser.alpha_sigma(torch.tensor(float(timestep_end))))
+        time_end = sigma_end / alpha_end if denoiser.noise_path == "vp" else sigma_end
     if time_start <= time_end:
         raise ValueError(f"timestep_start={timestep_start} is already at the data end of the path")
 
@@ -84,4 +90,6 @@ def probability_flow_ode_solution(
     if not solution.success:
         raise RuntimeError(f"reference ODE solve failed: {solution.message}")
     state_end = torch.from_numpy(solution.y[:, -1].copy()).view(num_samples, law.dim)
+    if timestep_end is not None:
+        return noisy_sample(state_end, time_end)[0]
     return x0_hat(state_end, time_end)

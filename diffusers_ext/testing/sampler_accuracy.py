@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -132,6 +132,51 @@ def steps_for_budget(pipe: GaussianMixtureSamplingPipeline, nfe: int) -> tuple[i
     finally:
         counter.remove()
     raise ValueError(f"no step count fits an NFE budget of {nfe}")
+
+
+@dataclass
+class ConvergenceMeasurement:
+    """Distance to the exact PF-ODE solution at each NFE, and the fitted convergence order
+    (``-slope`` of log error versus log NFE over the last ``fit_points`` budgets)."""
+
+    nfes: list[int]
+    errors: list[float]
+    order: float
+
+
+def measure_convergence_order(
+    scheduler_for_steps: Callable[[int], object],
+    law: GaussianMixture,
+    step_counts: Iterable[int],
+    num_samples: int = 128,
+    seed: int = 0,
+    timestep_end: float | None = None,
+    fit_points: int = 3,
+) -> ConvergenceMeasurement:
+    """Run ``scheduler_for_steps(n)`` for ``n`` in ``step_counts`` through the stock loop on the exact oracle of
+    ``law`` (float64 throughout) and compare with the exact PF-ODE solution of the same noise, which ends at
+    ``timestep_end`` (``None``: the data end). NFE is counted with a forward hook."""
+    nfes, errors, reference = [], [], None
+    for steps in step_counts:
+        scheduler = scheduler_for_steps(steps)
+        oracle = oracle_for(law, scheduler.config).double()
+        pipe = GaussianMixtureSamplingPipeline(unet=oracle, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        noise = torch.randn(num_samples, *oracle.sample_shape, generator=torch.Generator().manual_seed(seed),
+                            dtype=torch.float64)
+        if reference is None:
+            reference = probability_flow_ode_solution(oracle, noise, rtol=1e-11, atol=1e-11, timestep_end=timestep_end)
+        counter = _CallCounter(oracle)
+        try:
+            samples = pipe(batch_size=num_samples, num_inference_steps=steps, latents=noise,
+                           generator=torch.Generator().manual_seed(seed + 1)).samples
+        finally:
+            counter.remove()
+        nfes.append(counter.calls)
+        errors.append(distance_to_reference(samples, reference))
+    log_nfe, log_error = torch.tensor(nfes[-fit_points:]).log(), torch.tensor(errors[-fit_points:]).log()
+    slope = ((log_nfe - log_nfe.mean()) * (log_error - log_error.mean())).sum() / ((log_nfe - log_nfe.mean()) ** 2).sum()
+    return ConvergenceMeasurement(nfes=nfes, errors=errors, order=-float(slope))
 
 
 @dataclass
