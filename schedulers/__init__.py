@@ -3,5 +3,6 @@
 from diffusers import SchedulerMixin  # noqa: F401  (diffusers' loader looks the base class up in this module)
 
 from .scheduling_er_sde import ERSDESolverScheduler
+from .scheduling_rf_solver import RFSolverScheduler
 
-__all__ = ["ERSDESolverScheduler"]
+__all__ = ["ERSDESolverScheduler", "RFSolverScheduler"]

@@ -125,7 +125,8 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
         x = sample.reshape(batch, -1).to(torch.float64)
         x0 = self.law_on(sample.device).posterior_mean(x, alpha, sigma)
         alpha, sigma = alpha[:, None], sigma[:, None]
-        eps = (x - alpha * x0) / sigma
+        # At sigma = 0 (a flow inversion's first call) eps_hat = -sigma * score vanishes.
+        eps = torch.where(sigma > 0, (x - alpha * x0) / torch.where(sigma > 0, sigma, 1.0), 0.0)
         prediction = prediction_from_x0_and_eps(x0, eps, alpha, sigma, self.config.prediction_type)
         prediction = prediction.reshape(sample.shape).to(sample.dtype)
         return GaussianMixtureDenoiserOutput(sample=prediction) if return_dict else (prediction,)

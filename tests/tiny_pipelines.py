@@ -1,0 +1,68 @@
+"""Stock diffusers pipelines built from tiny random components, with precomputed prompt embeddings (no tokenizer or
+text encoder is needed, and none can be downloaded here)."""
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+
+TEXT_DIM = 32
+
+
+def tiny_stable_diffusion(scheduler) -> StableDiffusionPipeline:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_DIM, attention_head_dim=4, norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8,), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4, sample_size=8,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(), text_encoder=None, tokenizer=None, unet=unet.eval(), scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def stable_diffusion_inputs(seed: int = 0, **overrides) -> dict:
+    embeds = torch.randn(1, 4, TEXT_DIM, generator=torch.Generator().manual_seed(123))
+    inputs = dict(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds), num_inference_steps=4,
+                  guidance_scale=2.0, height=8, width=8, output_type="np", generator=torch.Generator().manual_seed(seed))
+    return inputs | overrides
+
+
+def tiny_sd3(scheduler) -> StableDiffusion3Pipeline:
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM, caption_projection_dim=16, pooled_projection_dim=TEXT_DIM, out_channels=4,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8,), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4, sample_size=8,
+        shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer.eval(), scheduler=scheduler, vae=vae.eval(), text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sd3_inputs(seed: int = 0, **overrides) -> dict:
+    generator = torch.Generator().manual_seed(123)
+    embeds = torch.randn(1, 4, TEXT_DIM, generator=generator)
+    pooled = torch.randn(1, TEXT_DIM, generator=generator)
+    inputs = dict(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds), pooled_prompt_embeds=pooled,
+                  negative_pooled_prompt_embeds=torch.zeros_like(pooled), num_inference_steps=4, guidance_scale=2.0,
+                  height=8, width=8, output_type="np", generator=torch.Generator().manual_seed(seed))
+    return inputs | overrides
