@@ -4,5 +4,6 @@ from diffusers import SchedulerMixin  # noqa: F401  (diffusers' loader looks the
 
 from .scheduling_er_sde import ERSDESolverScheduler
 from .scheduling_rf_solver import RFSolverScheduler
+from .scheduling_time_shift import TimeShiftScheduler
 
-__all__ = ["ERSDESolverScheduler", "RFSolverScheduler"]
+__all__ = ["ERSDESolverScheduler", "RFSolverScheduler", "TimeShiftScheduler"]
