@@ -37,6 +37,30 @@ class Component:
 
 COMPONENTS: tuple[Component, ...] = (
     Component(
+        "ERSDESolverScheduler",
+        "scheduler",
+        "diffusers_ext.schedulers",
+        "ER-SDE-Solver 1/2/3 for VP models (SD 1.x/2.x/SDXL), seven noise-scale functions from ODE to reverse SDE",
+        "Elucidating the Solution Space of Extended Reverse-Time SDE for Diffusion Models",
+        "2309.06169",
+    ),
+    Component(
+        "TimeShiftScheduler",
+        "scheduler",
+        "diffusers_ext.schedulers",
+        "Time-Shift Sampler around DDIM or DPM-Solver++: the model sees the timestep matching the sample's variance",
+        "Alleviating Exposure Bias in Diffusion Models through Sampling with Shifted Time Steps",
+        "2305.15583",
+    ),
+    Component(
+        "RFSolverScheduler",
+        "scheduler",
+        "diffusers_ext.schedulers",
+        "Second-order RF-Solver for SD3 / Flux (2 calls per step) with invert-then-regenerate inversion",
+        "Taming Rectified Flow for Inversion and Editing",
+        "2411.04746",
+    ),
+    Component(
         "GaussianMixtureDenoiser",
         "oracle",
         "diffusers_ext.testing",

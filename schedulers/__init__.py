@@ -1,9 +1,15 @@
 """Samplers from recent research, each a drop-in ``SchedulerMixin, ConfigMixin`` subclass (one file per method)."""
 
-from diffusers import SchedulerMixin  # noqa: F401  (diffusers' loader looks the base class up in this module)
+from diffusers import SchedulerMixin
 
+from .schedule_optimization import optimize_timesteps
 from .scheduling_er_sde import ERSDESolverScheduler
 from .scheduling_rf_solver import RFSolverScheduler
 from .scheduling_time_shift import TimeShiftScheduler
 
-__all__ = ["ERSDESolverScheduler", "RFSolverScheduler", "TimeShiftScheduler"]
+__all__ = ["ERSDESolverScheduler", "RFSolverScheduler", "SchedulerMixin", "TimeShiftScheduler", "optimize_timesteps"]
+
+# `pipe.save_pretrained` records a component's module in model_index.json, and `from_pretrained` looks the base class
+# (`SchedulerMixin`) up in that module: record the public module, which has both.
+for _scheduler in (ERSDESolverScheduler, RFSolverScheduler, TimeShiftScheduler):
+    _scheduler.__module__ = __name__

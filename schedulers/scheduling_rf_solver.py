@@ -64,6 +64,8 @@ class RFSolverScheduler(FlowMatchEulerDiscreteScheduler):
             raise ValueError("RFSolverScheduler is a deterministic solver; stochastic_sampling must be False")
         if num_inference_steps is not None:
             check_num_inference_steps(num_inference_steps, num_train)
+        elif sigmas is None and timesteps is None:
+            raise ValueError("pass num_inference_steps, sigmas or timesteps")
         for name, values, upper in (("sigmas", sigmas, 1.0), ("timesteps", timesteps, float(num_train))):
             if values is None:
                 continue
