@@ -61,6 +61,16 @@ COMPONENTS: tuple[Component, ...] = (
         "2411.04746",
     ),
     Component(
+        "optimize_timesteps",
+        "scheduler",
+        "diffusers_ext.schedulers",
+        "Learned sampling schedules for VP schedulers: Align Your Steps (KL bound) or LD3 (teacher matching, "
+        "arXiv 2405.15506), saved in the scheduler config",
+        "Align Your Steps: Optimizing Sampling Schedules in Diffusion Models",
+        "2404.14507",
+        "experimental",
+    ),
+    Component(
         "GaussianMixtureDenoiser",
         "oracle",
         "diffusers_ext.testing",

@@ -137,7 +137,7 @@ class ERSDESolverScheduler(VPDiscreteScheduler):
 
     def _on_set_timesteps(self) -> None:
         phi = NOISE_SCALE_FUNCTIONS[self.config.noise_scale]
-        rhos = self.sigmas.tolist()
+        rhos = self._noise_levels = self.sigmas.tolist()
         self._coefficients = [er_sde_step_coefficients(rhos[i], rhos[i + 1], phi) for i in range(len(rhos) - 1)]
         self._x0_history, self._rho_history = [], []
 
@@ -165,7 +165,7 @@ class ERSDESolverScheduler(VPDiscreteScheduler):
         i = self.step_index
         if i >= len(self.timesteps):
             raise ValueError(f"step called {i + 1} times but the grid has {len(self.timesteps)} steps")
-        rho_s, rho_t = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        rho_s, rho_t = self._noise_levels[i], self._noise_levels[i + 1]
         x0 = self._x0_from_model_output(model_output, sample, rho_s)
         self._x0_history = [x0, *self._x0_history[:2]]
         self._rho_history = [rho_s, *self._rho_history[:2]]

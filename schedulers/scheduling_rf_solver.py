@@ -25,6 +25,7 @@ shifting with ``mu``), the same ``scale_noise`` for img2img.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -129,7 +130,7 @@ class RFSolverScheduler(FlowMatchEulerDiscreteScheduler):
         self.set_timesteps(num_inference_steps, device=sample.device, sigmas=sigmas, mu=mu)
         levels = self.sigmas[::2].flip(0)  # terminal, s_{n-1}, ..., s_0
         num_train = self.config.num_train_timesteps
-        intervals = list(zip(levels[:-1], levels[1:], strict=True))
+        intervals = list(itertools.pairwise(levels))
         for low, high in tqdm(intervals, desc="RF-Solver inversion", disable=not progress):
             start_velocity = velocity(sample, low * num_train)
             midpoint = sample + ((high - low) / 2).to(sample.dtype) * start_velocity

@@ -40,6 +40,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import logging
 
+from ..diffusion_math import vp_noise_ratio
 from .vp_discrete import VPDiscreteScheduler, VPSchedulerOutput, check_num_inference_steps
 
 logger = logging.get_logger(__name__)
@@ -94,6 +95,7 @@ class TimeShiftScheduler(VPDiscreteScheduler):
             raise ValueError(f"window_size must be a non-negative int, got {window_size!r}")
         self.base = self._make_base()
         self._init_vp_schedule()
+        self._noise_ratio_table = vp_noise_ratio(self.alphas_cumprod).tolist()
         self._x0_previous: torch.Tensor | None = None
         self._rho_previous: float | None = None
 
@@ -123,6 +125,11 @@ class TimeShiftScheduler(VPDiscreteScheduler):
         self._x0_previous, self._rho_previous = None, None
         self._warned = False
 
+    def _noise_ratio_of_timestep(self, timestep: float) -> float:
+        if timestep.is_integer():  # the usual case: a table lookup instead of interpolation's small tensor ops
+            return self._noise_ratio_table[int(timestep)]
+        return float(self._noise_ratio_at(torch.tensor(timestep)))
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -142,7 +149,7 @@ class TimeShiftScheduler(VPDiscreteScheduler):
         if model_timestep != float(self.timesteps[i]) and not self._warned:
             logger.warning("the pipeline did not call the model at the shifted timestep; sampling goes on unshifted")
             self._warned = True
-        rho_s = float(self._noise_ratio_at(torch.tensor(model_timestep)))
+        rho_s = self._noise_ratio_of_timestep(model_timestep)
         rho_next = self.noise_levels[i + 1]
         x0 = self._x0_from_model_output(model_output, sample, rho_s)
 

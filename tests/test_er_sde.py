@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -72,7 +74,7 @@ def test_noise_scales_satisfy_the_papers_constraint(noise_scale):
     """phi(rho) / rho must not decrease, so that every step's noise variance rho_t^2 - r^2 rho_s^2 is >= 0."""
     phi = NOISE_SCALE_FUNCTIONS[noise_scale]
     levels = np.geomspace(14.6, 0.029, 60)
-    for rho_s, rho_t in zip(levels[:-1], levels[1:], strict=True):
+    for rho_s, rho_t in itertools.pairwise(levels):
         r = phi(rho_t) / phi(rho_s)
         assert rho_t**2 - (r * rho_s) ** 2 >= -1e-12
     _, _, _, noise_std = er_sde_step_coefficients(1.0, 0.5, phi)

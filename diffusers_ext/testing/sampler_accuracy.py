@@ -231,7 +231,8 @@ def measure_sampler_accuracy(
     seed: int = 0,
     progress: bool = True,
 ) -> AccuracyReport:
-    """Measure each scheduler class (default: ``BUILTIN_SCHEDULERS``) on the benchmark mixtures."""
+    """Measure each scheduler (default: ``BUILTIN_SCHEDULERS``) on the benchmark mixtures: a class is built from
+    SD 1.x's or SD3's config, an instance is used as it is."""
     schedulers = dict(schedulers or BUILTIN_SCHEDULERS)
     dims, nfes = list(dims), sorted(nfes)
     report = AccuracyReport(rows=[], floors={}, ode_limits={})
@@ -247,7 +248,10 @@ def measure_sampler_accuracy(
 
 
 def _measure_one(report, references, scheduler_class, name, dim, nfes, num_samples, seed) -> None:
-    scheduler, path = scheduler_from_pipeline_config(scheduler_class)
+    if isinstance(scheduler_class, type):
+        scheduler, path = scheduler_from_pipeline_config(scheduler_class)
+    else:  # an already configured scheduler (e.g. with an optimised schedule)
+        scheduler, path = scheduler_class, noise_path_from_scheduler_config(scheduler_class.config)
     law = benchmark_mixture(dim)
     oracle = oracle_for(law, scheduler.config)
     pipe = GaussianMixtureSamplingPipeline(unet=oracle, scheduler=scheduler)
