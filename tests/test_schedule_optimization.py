@@ -1,6 +1,6 @@
 import pytest
 import torch
-from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 from test_er_sde import SMOOTH_LAW
 
 from diffusers_ext.schedulers import ERSDESolverScheduler, optimize_timesteps
@@ -46,14 +46,14 @@ def test_learned_schedule_beats_the_default_on_held_out_noise_and_round_trips(me
 
 
 def test_stock_scheduler_gets_integer_timesteps_stored_in_its_config(tmp_path):
-    scheduler = DDIMScheduler.from_config(SD_SCHEDULER_CONFIG)
+    scheduler = DPMSolverMultistepScheduler.from_config(SD_SCHEDULER_CONFIG)
     oracle, model = _setup(scheduler)
     noise = torch.randn(32, *oracle.sample_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     result = optimize_timesteps(scheduler, model, 5, method="ld3", noise=noise, progress=False, max_sweeps=2,
                                 teacher_steps=100)
     assert all(a > b for a, b in zip(result.timesteps, result.timesteps[1:], strict=False))
     scheduler.save_pretrained(tmp_path)
-    assert DDIMScheduler.from_pretrained(tmp_path).config.sigma_schedule == result.sigmas
+    assert DPMSolverMultistepScheduler.from_pretrained(tmp_path).config.sigma_schedule == result.sigmas
 
 
 def test_bad_inputs_raise():
@@ -65,5 +65,7 @@ def test_bad_inputs_raise():
         optimize_timesteps(scheduler, model, 5, method="ays")
     with pytest.raises(ValueError, match="num_inference_steps"):
         optimize_timesteps(scheduler, model, 0, method="ld3", noise=torch.zeros(1, 2, 1, 1))
+    with pytest.raises(ValueError, match="accepts neither"):
+        optimize_timesteps(DDIMScheduler.from_config(SD_SCHEDULER_CONFIG), model, 5, method="ld3", noise=torch.zeros(1))
     with pytest.raises(ValueError, match="flow-matching"):
         optimize_timesteps(FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_CONFIG), model, 5, noise=torch.zeros(1))
