@@ -22,7 +22,7 @@ so they hold for any (alpha_t, sigma_t), not only for alpha_t**2 + sigma_t**2 ==
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -116,6 +116,56 @@ def flow_alpha_sigma(timesteps: torch.Tensor, num_train_timesteps: int) -> tuple
     """``(alpha_t, sigma_t) = (1 - s, s)`` with ``s = t / num_train_timesteps`` (the FlowMatch timestep scale)."""
     s = (timesteps.to(torch.float64) / num_train_timesteps).clamp(0, 1)
     return 1 - s, s
+
+
+def alpha_sigma_function(
+    scheduler_config: Mapping[str, Any],
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``timesteps -> (alpha_t, sigma_t)`` (float64) for the noise path a scheduler config describes, on the
+    timestep scale the scheduler hands the model."""
+    num_train_timesteps = int(scheduler_config.get("num_train_timesteps", 1000))
+    if noise_path_from_scheduler_config(scheduler_config) == "flow":
+        return lambda timesteps: flow_alpha_sigma(torch.as_tensor(timesteps), num_train_timesteps)
+    alphas_cumprod = vp_alphas_cumprod(scheduler_config)
+    return lambda timesteps: vp_alpha_sigma(torch.as_tensor(timesteps), alphas_cumprod)
+
+
+def default_prediction_type(scheduler_config: Mapping[str, Any]) -> str:
+    """What the model paired with this scheduler config predicts: the config's ``prediction_type``, or
+    ``flow_prediction`` for flow-matching configs (which have none)."""
+    if noise_path_from_scheduler_config(scheduler_config) == "flow":
+        return "flow_prediction"
+    return check_prediction_type(scheduler_config.get("prediction_type", "epsilon"))
+
+
+def ddim_step(
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    alpha: torch.Tensor,
+    sigma: torch.Tensor,
+    alpha_next: torch.Tensor,
+    sigma_next: torch.Tensor,
+    eta: float,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DDIM's step from noise level ``(alpha, sigma)`` to ``(alpha_next, sigma_next)`` on any path
+    ``x = alpha x0 + sigma eps``:
+
+        c      = eta * sigma_next * sqrt(1 - (rho_next / rho)^2),      rho = sigma / alpha
+        x_next = alpha_next x0 + sqrt(sigma_next^2 - c^2) eps + c z,    z ~ N(0, I)
+
+    ``eta = 0`` is the probability-flow ODE's DDIM step; ``eta = 1`` is DDPM's ancestral step, the discretised VP
+    reverse SDE. The step depends on the path only through ``rho``, so on a flow path it equals rescaling ``x`` by
+    ``1 / sqrt(alpha^2 + sigma^2)`` onto the VP path of the same signal-to-noise ratio, taking the VP step there and
+    scaling back: this is how a rectified-flow model is sampled stochastically.
+    """
+    if eta == 0:
+        return alpha_next * x0 + sigma_next * eps
+    if noise is None:
+        raise ValueError("ddim_step with eta > 0 needs noise")
+    ratio = torch.where(sigma > 0, (sigma_next * alpha) / (alpha_next * sigma), torch.zeros_like(sigma))
+    stochastic = eta * sigma_next * (1 - ratio**2).clamp(min=0).sqrt()
+    return alpha_next * x0 + (sigma_next**2 - stochastic**2).clamp(min=0).sqrt() * eps + stochastic * noise
 
 
 def x0_and_eps_from_prediction(

@@ -58,10 +58,11 @@ def tiny_sd3(scheduler) -> StableDiffusion3Pipeline:
     return pipe
 
 
-def sd3_inputs(seed: int = 0, **overrides) -> dict:
+def sd3_inputs(seed: int = 0, batch_size: int = 1, **overrides) -> dict:
+    """SD3 does not repeat precomputed embeddings for ``num_images_per_prompt``; ``batch_size`` tiles them."""
     generator = torch.Generator().manual_seed(123)
-    embeds = torch.randn(1, 4, TEXT_DIM, generator=generator)
-    pooled = torch.randn(1, TEXT_DIM, generator=generator)
+    embeds = torch.randn(1, 4, TEXT_DIM, generator=generator).repeat(batch_size, 1, 1)
+    pooled = torch.randn(1, TEXT_DIM, generator=generator).repeat(batch_size, 1)
     inputs = dict(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds), pooled_prompt_embeds=pooled,
                   negative_pooled_prompt_embeds=torch.zeros_like(pooled), num_inference_steps=4, guidance_scale=2.0,
                   height=8, width=8, output_type="np", generator=torch.Generator().manual_seed(seed))

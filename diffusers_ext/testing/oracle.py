@@ -12,12 +12,11 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.utils import BaseOutput
 
 from ..diffusion_math import (
+    alpha_sigma_function,
     check_prediction_type,
-    flow_alpha_sigma,
+    default_prediction_type,
     noise_path_from_scheduler_config,
     prediction_from_x0_and_eps,
-    vp_alpha_sigma,
-    vp_alphas_cumprod,
 )
 from .gaussian_mixture import GaussianMixture
 
@@ -76,10 +75,8 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
         schedule = dict(scheduler_config) if scheduler_config is not None else {"beta_schedule": "linear"}
         self.noise_path = noise_path_from_scheduler_config(schedule)
         self.num_train_timesteps = int(schedule.get("num_train_timesteps", 1000))
-        if self.noise_path == "vp":
-            self.alphas_cumprod = vp_alphas_cumprod(schedule)
-        default_prediction = "epsilon" if self.noise_path == "vp" else "flow_prediction"
-        prediction_type = check_prediction_type(prediction_type or schedule.get("prediction_type", default_prediction))
+        self._alpha_sigma = alpha_sigma_function(schedule)
+        prediction_type = check_prediction_type(prediction_type or default_prediction_type(schedule))
         if prediction_type == "flow_prediction" and self.noise_path != "flow":
             raise ValueError("prediction_type='flow_prediction' needs a flow-matching scheduler_config")
         self.register_to_config(prediction_type=prediction_type)
@@ -100,10 +97,7 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
 
     def alpha_sigma(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(alpha_t, sigma_t)`` in float64 at training timesteps (scalars or a batch)."""
-        timesteps = torch.as_tensor(timesteps)
-        if self.noise_path == "vp":
-            return vp_alpha_sigma(timesteps, self.alphas_cumprod)
-        return flow_alpha_sigma(timesteps, self.num_train_timesteps)
+        return self._alpha_sigma(timesteps)
 
     def law_on(self, device: torch.device) -> GaussianMixture:
         if device not in self._law_on_device:
