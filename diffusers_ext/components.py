@@ -71,6 +71,15 @@ COMPONENTS: tuple[Component, ...] = (
         "experimental",
     ),
     Component(
+        "FKSteering",
+        "guidance",
+        "diffusers_ext.guidance",
+        "Feynman-Kac particle steering of any pipeline toward a reward-tilted law (potentials max / difference / sum, "
+        "ESS-triggered resampling)",
+        "A General Framework for Inference-time Scaling and Steering of Diffusion Models",
+        "2501.06848",
+    ),
+    Component(
         "GaussianMixtureDenoiser",
         "oracle",
         "diffusers_ext.testing",

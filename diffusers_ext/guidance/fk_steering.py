@@ -73,6 +73,7 @@ class FKSteering(SteeringMethod):
     @register_to_config
     def __init__(
         self,
+        *,
         reward: Reward | None = None,
         num_particles: int = 4,
         potential: str = "max",

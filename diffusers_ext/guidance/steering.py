@@ -210,7 +210,9 @@ class SteeringMethod(ConfigMixin):
     """Base class of the steering methods: attach to a pipeline, override ``before_step`` / ``after_step``.
 
     Config (saved as ``steering_config.json``; rewards, losses and other callables are passed again when loading,
-    ``Method.from_pretrained(folder, reward=...)``) holds the method's numbers. Subclasses set
+    ``Method.from_pretrained(folder, reward=...)``) holds the method's numbers. Subclass ``__init__`` arguments are
+    keyword-only: diffusers' ``register_to_config`` would pair positional values with the wrong names when a
+    callable is left out of the config. Subclasses set
     ``supported_noise_paths``, ``uses_denoiser`` (re-runs the denoiser: gradients or candidate scoring) and
     ``flow_eta`` (a stochastic step is needed on rectified-flow pipelines, whose stock schedulers are deterministic).
     """
@@ -225,6 +227,24 @@ class SteeringMethod(ConfigMixin):
         self._denoiser_call: DenoiserCall | None = None
         self.generator: torch.Generator | None = None
         self.step_index = 0
+
+    # Saving, as diffusers schedulers do ----------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> None:
+        """Write ``steering_config.json`` (the method's numbers; callables are not saved)."""
+        self.save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, **kwargs):
+        """Load a saved config (folder or Hub id); pass the callables again, e.g. ``reward=...``."""
+        hub_keys = ("cache_dir", "force_download", "local_files_only", "token", "revision")
+        hub_kwargs = {key: kwargs.pop(key) for key in hub_keys if key in kwargs}
+        callables = {key: kwargs.pop(key) for key in cls.ignore_for_config if key in kwargs}
+        config = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs)
+        init_kwargs, unused, _ = cls.extract_init_dict(config, **kwargs)
+        if unused_arguments := sorted(k for k in unused if not k.startswith("_")):
+            raise ValueError(f"{cls.__name__} got unexpected arguments {unused_arguments}")
+        return cls(**init_kwargs, **callables)
 
     # Attaching --------------------------------------------------------------------------------------------------
 

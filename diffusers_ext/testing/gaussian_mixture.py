@@ -149,3 +149,47 @@ class GaussianMixture:
         shrunk = alpha[:, None, None] * self.eigenvalues[None] / variance * rotated
         component_means = self.means[None] + self._from_eigenbasis(shrunk)
         return torch.einsum("bk,bkd->bd", torch.softmax(log_joint, dim=1), component_means)
+
+    def posterior_given_linear_measurement(
+        self, matrix: Sequence | torch.Tensor, measurement: Sequence | torch.Tensor, noise_std: float
+    ) -> GaussianMixture:
+        """The exact law of ``x0`` given one measurement ``y = A x0 + n``, ``n ~ N(0, noise_std^2 I)``: again a mixture.
+
+        Per component, with ``S_k = A Sigma_k A^T + noise_std^2 I`` and the gain ``G_k = Sigma_k A^T S_k^{-1}``:
+
+            mu_k'    = mu_k + G_k (y - A mu_k)
+            Sigma_k' = Sigma_k - G_k A Sigma_k
+            w_k'     proportional to  w_k N(y; A mu_k, S_k)
+
+        Args:
+            matrix: ``A``, ``M x D``.
+            measurement: ``y``, ``M`` values (a ``1 x M`` row is accepted).
+            noise_std: the measurement noise's standard deviation, positive.
+        """
+        device = self.means.device
+        matrix = torch.as_tensor(matrix, dtype=torch.float64, device=device)
+        if matrix.ndim != 2 or matrix.shape[1] != self.dim:
+            raise ValueError(f"the operator must be an M x {self.dim} matrix, got shape {tuple(matrix.shape)}")
+        measurement = torch.as_tensor(measurement, dtype=torch.float64, device=device)
+        if measurement.shape not in ((matrix.shape[0],), (1, matrix.shape[0])):
+            raise ValueError(
+                f"the measurement must be one vector of {matrix.shape[0]} values (A is {tuple(matrix.shape)}), "
+                f"got shape {tuple(measurement.shape)}"
+            )
+        if not noise_std > 0:
+            raise ValueError(f"noise_std must be positive, got {noise_std}")
+        measurement = measurement.reshape(-1)
+        num_measurements = matrix.shape[0]
+        cross = self.covariances @ matrix.T  # Sigma_k A^T, K x D x M
+        innovation = matrix @ cross + noise_std**2 * torch.eye(num_measurements, dtype=torch.float64, device=device)
+        cholesky = torch.linalg.cholesky(innovation)
+        residual = measurement[None] - self.means @ matrix.T  # y - A mu_k, K x M
+        gain = torch.linalg.solve(innovation, cross.transpose(1, 2)).transpose(1, 2)  # K x D x M
+        means = self.means + torch.einsum("kdm,km->kd", gain, residual)
+        covariances = self.covariances - gain @ cross.transpose(1, 2)
+        covariances = (covariances + covariances.transpose(1, 2)) / 2
+        whitened = torch.linalg.solve_triangular(cholesky, residual[..., None], upper=False)[..., 0]
+        log_evidence = -0.5 * (whitened**2).sum(-1) - torch.diagonal(cholesky, dim1=1, dim2=2).log().sum(-1)
+        log_evidence = log_evidence - 0.5 * num_measurements * math.log(2 * math.pi)
+        weights = torch.softmax(self.weights.log() + log_evidence, dim=0)
+        return GaussianMixture(means, covariances, weights)

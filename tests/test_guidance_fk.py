@@ -1,0 +1,174 @@
+"""FK steering against the exactly tilted law, and the steering machine's contract on stock pipelines: attach,
+steer, detach leaving the pipeline as it was; clear errors for bad rewards and unsupported pipelines."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
+from tiny_pipelines import sd3_inputs, stable_diffusion_inputs, tiny_sd3, tiny_stable_diffusion
+
+import diffusers_ext
+from diffusers_ext.guidance import FKSteering, jpeg_compressibility
+from diffusers_ext.guidance.steering import SteeredScheduler, reindex_batch_state
+from diffusers_ext.testing import (
+    GaussianMixture,
+    GaussianMixtureDenoiser,
+    GaussianMixtureSamplingPipeline,
+    sliced_wasserstein2,
+)
+
+MEANS = [[-2.0, 0.0], [2.0, 0.0]]
+VARIANCES = [0.25, 0.25]
+WEIGHTS = [0.5, 0.5]
+TILT = torch.tensor([0.5, 0.0], dtype=torch.float64)
+
+
+def linear_reward(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1).double() @ TILT
+
+
+def exponentially_tilted(law: GaussianMixture, direction: torch.Tensor) -> GaussianMixture:
+    """``p(x) exp(a.x) / Z`` in closed form: each component's mean moves by ``Sigma_k a`` and its weight is multiplied
+    by ``exp(a.mu_k + a.Sigma_k a / 2)``."""
+    shifted = law.means + law.covariances @ direction
+    log_weights = law.weights.log() + law.means @ direction + 0.5 * direction @ law.covariances @ direction
+    return GaussianMixture(shifted, law.covariances, torch.softmax(log_weights, 0))
+
+
+def oracle_pipeline(scheduler) -> GaussianMixtureSamplingPipeline:
+    pipe = GaussianMixtureSamplingPipeline(GaussianMixtureDenoiser(MEANS, VARIANCES, WEIGHTS, scheduler.config), scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sd_scheduler():
+    return DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def test_fk_steering_approaches_the_tilted_law_as_particles_grow():
+    pipe = oracle_pipeline(DDPMScheduler(clip_sample=False))
+    target = exponentially_tilted(GaussianMixture(MEANS, VARIANCES, WEIGHTS), TILT)
+    reference = target.sample(100_000, torch.Generator().manual_seed(1))
+    groups, distances = 1000, {}
+    for particles in (1, 2, 4, 8, 16):
+        steering = FKSteering(reward=linear_reward, num_particles=particles, potential="difference", reward_scale=1.0,
+                              reward_space="sample")
+        with steering.attached(pipe):
+            samples = pipe(batch_size=groups * particles, num_inference_steps=25,
+                           generator=torch.Generator().manual_seed(0)).samples
+        # After the final resampling every particle is a draw from the tilted law; take one per group.
+        distances[particles] = sliced_wasserstein2(samples.reshape(groups, particles, -1)[:, 0], reference)
+    print("\nFK steering, sliced W2 to the exactly tilted law:", {k: round(v, 3) for k, v in distances.items()})
+    values = list(distances.values())
+    assert all(later < earlier for earlier, later in itertools.pairwise(values)), distances
+    assert distances[16] < 0.3 * distances[1]
+
+
+def test_fk_steering_on_stable_diffusion_and_detach_restores_the_pipeline(tmp_path):
+    pipe = tiny_stable_diffusion(sd_scheduler())
+    config, scheduler = dict(pipe.config), pipe.scheduler
+    unsteered = pipe(**stable_diffusion_inputs()).images
+    steering = FKSteering(reward=jpeg_compressibility, num_particles=3)
+    with steering.attached(pipe):
+        assert isinstance(pipe.scheduler, SteeredScheduler)
+        first = pipe(**stable_diffusion_inputs(num_images_per_prompt=3, eta=1.0)).images
+        rewards = steering.final_rewards
+        second = pipe(**stable_diffusion_inputs(num_images_per_prompt=3, eta=1.0)).images
+    np.testing.assert_array_equal(first, second)
+    assert first.shape == (3, 8, 8, 3) and rewards.shape == (3,)
+    np.testing.assert_allclose(rewards.numpy(), jpeg_compressibility(torch.from_numpy(first).permute(0, 3, 1, 2)),
+                               atol=0.05)
+    assert pipe.scheduler is scheduler and dict(pipe.config) == config
+    np.testing.assert_array_equal(pipe(**stable_diffusion_inputs()).images, unsteered)
+
+    steering.save_pretrained(tmp_path)
+    loaded = FKSteering.from_pretrained(tmp_path, reward=jpeg_compressibility)
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(loaded.config) == public(steering.config) and loaded.config.num_particles == 3
+    with loaded.attached(pipe):
+        np.testing.assert_array_equal(pipe(**stable_diffusion_inputs(num_images_per_prompt=3, eta=1.0)).images, first)
+
+
+def test_fk_steering_on_sd3_steps_the_flow_stochastically():
+    pipe = tiny_sd3(FlowMatchEulerDiscreteScheduler(shift=3.0))
+    unsteered = pipe(**sd3_inputs(batch_size=2)).images
+    steering = FKSteering(reward=jpeg_compressibility, num_particles=2, resample_every=2)
+    with steering.attached(pipe):
+        steered = pipe(**sd3_inputs(batch_size=2)).images
+    assert np.isfinite(steered).all() and not np.allclose(steered, unsteered)
+    np.testing.assert_array_equal(pipe(**sd3_inputs(batch_size=2)).images, unsteered)
+
+
+def test_resampling_reorders_a_multistep_schedulers_history():
+    scheduler = DPMSolverMultistepScheduler()
+    scheduler.set_timesteps(5)
+    sample = torch.arange(3.0)[:, None, None, None].expand(3, 4, 2, 2).clone()
+    scheduler.model_outputs = [None, sample.clone()]
+    scheduler.timesteps = scheduler.timesteps[:3]  # same leading size as the batch: must not be touched
+    timesteps = scheduler.timesteps.clone()
+    reindex_batch_state(scheduler, torch.tensor([2, 2, 0]), sample.shape)
+    assert scheduler.model_outputs[0] is None
+    assert scheduler.model_outputs[1][:, 0, 0, 0].tolist() == [2.0, 2.0, 0.0]
+    assert torch.equal(scheduler.timesteps, timesteps)
+
+
+def test_exported_from_the_package():
+    assert diffusers_ext.FKSteering is FKSteering
+
+
+@pytest.mark.parametrize(
+    "reward, message",
+    [
+        (lambda x: torch.zeros(x.shape[0] + 1), "one value per sample"),
+        (lambda x: torch.full((x.shape[0],), float("nan")), "non-finite"),
+        (lambda x: [0.0] * x.shape[0], "torch.Tensor"),
+    ],
+)
+def test_bad_rewards_give_clear_errors(reward, message):
+    pipe = oracle_pipeline(DDPMScheduler(clip_sample=False))
+    with FKSteering(reward=reward, num_particles=2).attached(pipe), pytest.raises(ValueError, match=message):
+        pipe(batch_size=4, num_inference_steps=3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_particles=0), "num_particles"),
+        (dict(potential="mean"), "potential"),
+        (dict(ess_threshold=1.5), "ess_threshold"),
+        (dict(reward_space="pixels"), "reward_space"),
+        (dict(reward=None), "needs a reward"),
+    ],
+)
+def test_bad_settings_give_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FKSteering(**({"reward": linear_reward} | kwargs))
+
+
+def test_batch_that_does_not_split_into_particles_is_refused():
+    pipe = oracle_pipeline(DDPMScheduler(clip_sample=False))
+    with FKSteering(reward=linear_reward, num_particles=4).attached(pipe), pytest.raises(ValueError, match="num_images_per"):
+        pipe(batch_size=6, num_inference_steps=3)
+
+
+def test_unsupported_pipelines_are_refused():
+    steering = FKSteering(reward=linear_reward)
+    euler = tiny_stable_diffusion(EulerDiscreteScheduler.from_config(sd_scheduler().config))
+    with pytest.raises(ValueError, match="sigma-scaled"):
+        steering.attach(euler)
+    assert not isinstance(euler.scheduler, SteeredScheduler)
+    pipe = tiny_stable_diffusion(sd_scheduler())
+    steering.attach(pipe)
+    with pytest.raises(ValueError, match="already"):
+        FKSteering(reward=linear_reward).attach(pipe)
+    steering.detach()
+    steering.detach()  # idempotent
+    assert not isinstance(pipe.scheduler, SteeredScheduler)
