@@ -70,6 +70,16 @@ def test_scheduler_saves_with_its_card(tmp_path):
     assert "scheduler" in card.data.tags and card.data.library_name == "diffusers"
 
 
+def test_steering_method_saves_with_its_card(tmp_path):
+    from diffusers_ext.guidance import FKSteering, jpeg_compressibility
+
+    save_for_hub(FKSteering(reward=jpeg_compressibility, num_particles=8), tmp_path, repo_id="me/fk")
+    assert FKSteering.from_pretrained(tmp_path, reward=jpeg_compressibility).config.num_particles == 8
+    card = ModelCard.load(tmp_path / "README.md")
+    assert {"guidance", "fk-steering", "arxiv:2501.06848"} <= set(card.data.tags)
+    assert "FKSteering.from_pretrained" in card.text
+
+
 def test_card_metadata(tmp_path, ddim_pipeline):
     save_for_hub(ddim_pipeline, tmp_path, repo_id="me/gm", base_model="me/base", license="mit",
                  pipeline_tag="unconditional-image-generation", tags=["toy"])

@@ -45,8 +45,13 @@ def _kind_of(obj: Any) -> str:
         return "model"
     if isinstance(obj, SchedulerMixin):
         return "scheduler"
+    from ..guidance.steering import SteeringMethod
+
+    if isinstance(obj, SteeringMethod):
+        return "guidance"
     raise TypeError(
-        f"save_for_hub takes a DiffusionPipeline, a ModelMixin model or a SchedulerMixin scheduler, got {type(obj)}"
+        "save_for_hub takes a DiffusionPipeline, a ModelMixin model, a SchedulerMixin scheduler or a steering method, "
+        f"got {type(obj)}"
     )
 
 
@@ -84,7 +89,7 @@ def _add_model_loader(folder: Path, model: ModelMixin) -> list[str]:
 
 
 def save_for_hub(
-    obj: DiffusionPipeline | ModelMixin | SchedulerMixin,
+    obj: Any,
     folder: str | Path,
     *,
     card_template: str | None = None,
@@ -93,7 +98,7 @@ def save_for_hub(
     """Save ``obj`` (safetensors) into ``folder`` with a model card and what stock diffusers needs to load it.
 
     Args:
-        obj: a pipeline, model or scheduler.
+        obj: a pipeline, model, scheduler or steering method (``diffusers_ext.guidance``).
         folder: created if missing.
         card_template: a template name in ``diffusers_ext/hub_cards`` (default: the object's kind).
         card_fields: ``repo_id``, ``base_model``, ``license``, ``pipeline_tag``, ``tags``, ``title``, ``description``
@@ -109,7 +114,7 @@ def save_for_hub(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
 
-    if kind == "scheduler":
+    if kind in ("scheduler", "guidance"):
         obj.save_pretrained(folder)
         classes, loader_files = [type(obj)], []
     else:
@@ -130,7 +135,7 @@ def save_for_hub(
 
 
 def push_to_hub(
-    obj: DiffusionPipeline | ModelMixin | SchedulerMixin,
+    obj: Any,
     repo_id: str,
     *,
     token: str | None = None,
