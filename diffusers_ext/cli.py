@@ -45,6 +45,10 @@ def _demo(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     print("diffusers-ext demo: diffusers' built-in samplers on the exact Gaussian-mixture oracle\n")
     run_sampler_accuracy(Path(args.output) / "sampler_accuracy", args.num_samples, (2, 64), (5, 10, 20, 50))
+    print("\nSteering hooks on the exact 2-D oracle: steered versus unsteered, next to the exact target law\n")
+    from .guidance.demo import run_steering_demo
+
+    run_steering_demo(Path(args.output) / "steering")
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; open {args.output}/ to look at the plots")
 
 
