@@ -128,6 +128,19 @@ def test_fk_steering_on_sd3_steps_the_flow_stochastically():
     np.testing.assert_array_equal(pipe(**sd3_inputs(batch_size=2)).images, unsteered)
 
 
+def test_stochastic_flow_steps_follow_the_pipelines_generator():
+    """From pure noise a stochastic flow step keeps nothing of x_T; the method's noise is derived from the run's first
+    sample so that the pipeline's generator still decides the output."""
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pipe = oracle_pipeline(scheduler)
+    steering = FKSteering(reward=linear_reward, num_particles=2, reward_space="sample")
+    with steering.attached(pipe):
+        runs = [pipe(batch_size=4, num_inference_steps=5, generator=torch.Generator().manual_seed(seed)).samples
+                for seed in (0, 0, 1)]
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    assert not torch.allclose(runs[0], runs[2])
+
+
 def test_resampling_reorders_a_multistep_schedulers_history():
     scheduler = DPMSolverMultistepScheduler()
     scheduler.set_timesteps(5)

@@ -19,7 +19,7 @@ from diffusers_ext.guidance.flowchef import FlowChef
 from diffusers_ext.guidance.loss_guidance import LossGuidance
 from diffusers_ext.guidance.minority_guidance import MinorityGuidance, euclidean_distance
 from diffusers_ext.guidance.rewards import MeasurementConsistency, inpainting_operator, matrix_operator
-from diffusers_ext.guidance.steering import SteeredScheduler
+from diffusers_ext.guidance.steering import SteeredScheduler, run_generator
 from diffusers_ext.testing import (
     GaussianMixture,
     GaussianMixtureDenoiser,
@@ -259,13 +259,13 @@ def test_minority_guidance_step_is_the_documented_update():
     oracle, reference = pipe.unet, DDIMScheduler.from_config(scheduler.config)
     reference.set_timesteps(6)
     timesteps = reference.timesteps
-    generator = torch.Generator().manual_seed(3)
 
     def x0_of(x, t):
         alpha, sigma = oracle.alpha_sigma(torch.as_tensor(t))
         return (x - sigma * oracle(x, t).sample) / alpha, alpha, sigma
 
     x = torch.randn(16, 2, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    generator = run_generator(3, x)
     for i, t in enumerate(timesteps):
         with torch.enable_grad():
             current = x.detach().requires_grad_(True)

@@ -10,6 +10,7 @@ from .steering import (
     Reward,
     SteeringMethod,
     check_positive_int,
+    check_reward_space,
     particle_groups,
     reindex_batch_state,
 )
@@ -93,8 +94,7 @@ class FKSteering(SteeringMethod):
             raise ValueError(f"potential must be one of {POTENTIALS}, got {potential!r}")
         if not 0 <= ess_threshold <= 1:
             raise ValueError(f"ess_threshold must lie in [0, 1], got {ess_threshold}")
-        if reward_space not in ("image", "sample"):
-            raise ValueError(f"reward_space must be 'image' or 'sample', got {reward_space!r}")
+        check_reward_space(reward_space)
         self.reward = reward
         self.flow_eta = flow_eta
         self.final_rewards: torch.Tensor | None = None

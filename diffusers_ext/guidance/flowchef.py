@@ -7,14 +7,16 @@ from collections.abc import Callable
 import torch
 from diffusers.configuration_utils import register_to_config
 
-from .loss_guidance import (
+from .steering import (
+    DenoisingStep,
+    SteeringMethod,
     check_guidance_range,
     check_non_negative,
+    check_positive_int,
     check_reward_space,
     gradient_of_sum,
     in_guidance_range,
 )
-from .steering import DenoisingStep, SteeringMethod, check_positive_int
 
 Loss = Callable[[torch.Tensor], torch.Tensor]
 OPTIMIZERS = ("gradient_descent", "adam")

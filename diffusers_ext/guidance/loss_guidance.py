@@ -3,57 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from diffusers.configuration_utils import register_to_config
 
-from .steering import DenoisingStep, SteeringMethod
+from .steering import (
+    DenoisingStep,
+    SteeringMethod,
+    check_guidance_range,
+    check_non_negative,
+    check_reward_space,
+    gradient_of_sum,
+    in_guidance_range,
+)
 
 Loss = Callable[[torch.Tensor], torch.Tensor]
-REWARD_SPACES = ("image", "sample")
-
-
-def check_non_negative(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-    return float(value)
-
-
-def check_reward_space(reward_space: str) -> str:
-    if reward_space not in REWARD_SPACES:
-        raise ValueError(f"reward_space must be one of {REWARD_SPACES}, got {reward_space!r}")
-    return reward_space
-
-
-def check_guidance_range(start: float, end: float) -> None:
-    if not 0 <= start < end <= 1:
-        raise ValueError(f"need 0 <= guidance_start < guidance_end <= 1, got {start!r} and {end!r}")
-
-
-def gradient_of_sum(values: torch.Tensor, inputs: torch.Tensor, name: str = "loss") -> torch.Tensor:
-    """``grad_inputs sum(values)``, or a ``ValueError`` when ``values`` do not depend differentiably on ``inputs``."""
-    if not values.requires_grad:
-        raise ValueError(
-            f"the {name} is not differentiable with respect to the sample (its output carries no gradient); gradient "
-            f"guidance needs a differentiable {name} (torch operations, no .detach(), numpy or PIL)"
-        )
-    return torch.autograd.grad(values.sum(), inputs)[0]
-
-
-def step_position(scheduler: Any, step: DenoisingStep) -> tuple[int, int]:
-    """``(position, count)`` of ``step`` in the scheduler's timesteps, found by its timestep so that runs starting
-    part-way (img2img's ``strength``) count from the schedule's start; the step counter when it is not found."""
-    timesteps = torch.as_tensor(scheduler.timesteps).detach().cpu()
-    matches = (timesteps == torch.as_tensor(step.timestep).detach().cpu().reshape(-1)[0]).nonzero()
-    return (int(matches[0, 0]) if len(matches) else step.index), len(timesteps)
-
-
-def in_guidance_range(scheduler: Any, step: DenoisingStep, start: float, end: float) -> bool:
-    position, count = step_position(scheduler, step)
-    return start <= position / count < end
-
-
 class LossGuidance(SteeringMethod):
     r"""Guidance by the gradient of a loss on the x0 prediction, differentiated through the denoiser: diffusion
     posterior sampling for inverse problems, and plug-and-play conditioning by any differentiable loss.

@@ -8,14 +8,17 @@ import torch
 from diffusers.configuration_utils import register_to_config
 
 from ..diffusion_math import x0_and_eps_from_prediction
-from .loss_guidance import (
+from .steering import (
+    DenoisingStep,
+    SteeringMethod,
     check_guidance_range,
     check_non_negative,
+    check_positive_int,
     check_reward_space,
+    check_reward_values,
     gradient_of_sum,
     step_position,
 )
-from .steering import DenoisingStep, SteeringMethod, check_positive_int, check_reward_values
 
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SCALE_TYPES = ("variance", "fixed")
@@ -155,7 +158,7 @@ class MinorityGuidance(SteeringMethod):
     def after_step(self, step: DenoisingStep, prev_sample: torch.Tensor) -> torch.Tensor:
         config = self.config
         position, count = step_position(self.scheduler, step)
-        if config.scale == 0 or float(step.timestep) == 0 or position % config.interval:
+        if config.scale == 0 or position % config.interval:
             return prev_sample
         if not config.guidance_start <= position / count < config.guidance_end:
             return prev_sample

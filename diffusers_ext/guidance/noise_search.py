@@ -17,17 +17,12 @@ from .steering import (
     Reward,
     SteeringMethod,
     check_positive_int,
+    derived_generator,
     particle_groups,
     reindex_batch_state,
 )
 
 MODES = ("random", "zero_order", "paths")
-
-
-def search_generator(seed: int) -> torch.Generator:
-    """The searched noise's own stream, derived from ``seed`` by ``numpy.random.SeedSequence``: a generator seeded with
-    ``seed`` itself would, for a pipeline generator seeded alike (both 0, say), redraw the first run's noise."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 0x5EA4C4]).generate_state(1)[0]))
 
 
 @dataclass
@@ -238,7 +233,7 @@ class NoiseSearch(SteeringMethod):
         with self.attached(pipe):
             if self.config.mode == "paths":
                 return self._search_paths(pipe, pipeline_kwargs)
-            generator = search_generator(self.config.seed)
+            generator = derived_generator(self.config.seed, 0x5EA4C4)
             best, history, nfe = None, [], 0
             rounds = self._rounds()
             with pipe.progress_bar(total=len(rounds)) as progress:

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin
 
@@ -105,6 +107,7 @@ class DenoiserCall:
         self.args: tuple = ()
         self.kwargs: dict = {}
         self._replaying = False
+        self._time_scale = 1.0
         self._handle = self.denoiser.register_forward_pre_hook(self._record, with_kwargs=True)
 
     def _record(self, module, args, kwargs):
@@ -147,8 +150,14 @@ class DenoiserCall:
         else:
             kwargs[sample_key] = model_input
         time_key, recorded_time = self._timestep_slot()
-        scale = float(recorded_timestep)
-        mapped = torch.as_tensor(recorded_time) * (float(timestep) / scale if scale != 0 else 1.0)
+        recorded_time = torch.as_tensor(recorded_time)
+        # The denoiser's timestep over the scheduler's (1, or 1/1000 for Flux), kept from a call where both are
+        # non-zero: at the last DDPM step the recorded scheduler timestep is 0 and says nothing about the scale.
+        if float(recorded_timestep) != 0:
+            self._time_scale = float(recorded_time.reshape(-1)[0]) / float(recorded_timestep)
+        mapped = torch.full_like(recorded_time, float(timestep) * self._time_scale, dtype=torch.float32)
+        if recorded_time.dtype in (torch.int32, torch.int64) and float(timestep).is_integer():
+            mapped = mapped.to(recorded_time.dtype)
         if isinstance(time_key, int):
             args[time_key] = mapped
         else:
@@ -325,10 +334,12 @@ class SteeringMethod(ConfigMixin):
 
     def _begin_run(self) -> None:
         self.step_index = 0
-        self.generator = torch.Generator().manual_seed(self.config.seed) if "seed" in self.config else None
+        self.generator = None
         self.begin()
 
     def _describe_step(self, timestep, sample, model_output) -> DenoisingStep:
+        if self.step_index == 0 and "seed" in self.config:
+            self.generator = run_generator(self.config.seed, sample)
         alpha, sigma = self.alpha_sigma(timestep)
         timesteps = self.scheduler.timesteps
         is_last = bool(torch.as_tensor(timestep).to(timesteps.device) == timesteps[-1])
@@ -389,6 +400,63 @@ class SteeringMethod(ConfigMixin):
     def score(self, reward: Reward, x0: torch.Tensor, name: str = "reward") -> torch.Tensor:
         """``reward(decode(x0))`` checked for shape and finiteness."""
         return check_reward_values(reward(self.decode(x0)), x0.shape[0], name)
+
+
+REWARD_SPACES = ("image", "sample")
+
+
+def check_non_negative(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    return float(value)
+
+
+def check_reward_space(reward_space: str) -> str:
+    if reward_space not in REWARD_SPACES:
+        raise ValueError(f"reward_space must be one of {REWARD_SPACES}, got {reward_space!r}")
+    return reward_space
+
+
+def check_guidance_range(start: float, end: float) -> None:
+    if not 0 <= start < end <= 1:
+        raise ValueError(f"need 0 <= guidance_start < guidance_end <= 1, got {start!r} and {end!r}")
+
+
+def gradient_of_sum(values: torch.Tensor, inputs: torch.Tensor, name: str = "loss") -> torch.Tensor:
+    """``grad_inputs sum(values)``, or a ``ValueError`` when ``values`` do not depend differentiably on ``inputs``."""
+    if not values.requires_grad:
+        raise ValueError(
+            f"the {name} is not differentiable with respect to the sample (its output carries no gradient); gradient "
+            f"guidance needs a differentiable {name} (torch operations, no .detach(), numpy or PIL)"
+        )
+    return torch.autograd.grad(values.sum(), inputs)[0]
+
+
+def step_position(scheduler: Any, step: DenoisingStep) -> tuple[int, int]:
+    """``(position, count)`` of ``step`` in the scheduler's timesteps, found by its timestep so that runs starting
+    part-way (img2img's ``strength``) count from the schedule's start; the step counter when it is not found."""
+    timesteps = torch.as_tensor(scheduler.timesteps).detach().cpu()
+    matches = (timesteps == torch.as_tensor(step.timestep).detach().cpu().reshape(-1)[0]).nonzero()
+    return (int(matches[0, 0]) if len(matches) else step.index), len(timesteps)
+
+
+def in_guidance_range(scheduler: Any, step: DenoisingStep, start: float, end: float) -> bool:
+    position, count = step_position(scheduler, step)
+    return start <= position / count < end
+
+
+def derived_generator(seed: int, *entropy: int) -> torch.Generator:
+    """A generator for a method's own noise, derived from ``seed`` and ``entropy`` by ``numpy.random.SeedSequence``.
+    Seeding with ``seed`` itself would replay the stream of a user's ``torch.Generator().manual_seed(seed)``."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, *entropy]).generate_state(1)[0]))
+
+
+def run_generator(seed: int, first_sample: torch.Tensor) -> torch.Generator:
+    """The generator of a method's noise in one pipeline run, derived from the method's ``seed`` and the run's first
+    sample: a stochastic flow step from pure noise keeps nothing of ``x_T``, so without the sample the pipeline's own
+    ``generator`` would not change the output."""
+    checksum = zlib.crc32(first_sample.detach().float().cpu().numpy().tobytes())
+    return derived_generator(seed, checksum)
 
 
 def check_positive_int(value: Any, name: str) -> int:
