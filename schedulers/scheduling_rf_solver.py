@@ -81,6 +81,11 @@ class RFSolverScheduler(FlowMatchEulerDiscreteScheduler):
         midpoints = (levels[:-1] + levels[1:]) / 2
         self.sigmas = torch.cat([torch.stack([levels[:-1], midpoints], dim=1).flatten(), levels[-1:]])
         self.timesteps = self.sigmas[:-1] * num_train
+        if not bool((self.timesteps[1:] < self.timesteps[:-1]).all() and self.timesteps[-1] > 0):
+            raise ValueError(
+                f"the grid with its midpoints is not strictly decreasing and positive in the scheduler's float32 "
+                f"precision: {self.timesteps.tolist()}; pass noise levels further apart"
+            )
         self._step_start: torch.Tensor | None = None
 
     def step(

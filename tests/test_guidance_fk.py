@@ -36,14 +36,6 @@ def linear_reward(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).double() @ TILT
 
 
-def exponentially_tilted(law: GaussianMixture, direction: torch.Tensor) -> GaussianMixture:
-    """``p(x) exp(a.x) / Z`` in closed form: each component's mean moves by ``Sigma_k a`` and its weight is multiplied
-    by ``exp(a.mu_k + a.Sigma_k a / 2)``."""
-    shifted = law.means + law.covariances @ direction
-    log_weights = law.weights.log() + law.means @ direction + 0.5 * direction @ law.covariances @ direction
-    return GaussianMixture(shifted, law.covariances, torch.softmax(log_weights, 0))
-
-
 def oracle_pipeline(scheduler) -> GaussianMixtureSamplingPipeline:
     pipe = GaussianMixtureSamplingPipeline(GaussianMixtureDenoiser(MEANS, VARIANCES, WEIGHTS, scheduler.config), scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -54,9 +46,20 @@ def sd_scheduler():
     return DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
+def test_exponential_tilt_matches_importance_weighting():
+    law = GaussianMixture([[-1.0, 0.5], [1.5, 0.0]], [[0.3, 0.1], [0.2, 0.4]], [0.7, 0.3])
+    draws = law.sample(400_000, torch.Generator().manual_seed(0))
+    weights = torch.softmax(draws @ TILT, 0)
+    tilted = law.exponentially_tilted(TILT)
+    exact_mean = tilted.weights @ tilted.means
+    torch.testing.assert_close(weights @ draws, exact_mean, atol=0.01, rtol=0)
+    with pytest.raises(ValueError, match="direction"):
+        law.exponentially_tilted([1.0])
+
+
 def test_fk_steering_approaches_the_tilted_law_as_particles_grow():
     pipe = oracle_pipeline(DDPMScheduler(clip_sample=False))
-    target = exponentially_tilted(GaussianMixture(MEANS, VARIANCES, WEIGHTS), TILT)
+    target = GaussianMixture(MEANS, VARIANCES, WEIGHTS).exponentially_tilted(TILT)
     reference = target.sample(100_000, torch.Generator().manual_seed(1))
     groups, distances = 1000, {}
     for particles in (1, 2, 4, 8, 16):
@@ -80,7 +83,7 @@ def test_fk_steering_with_a_multistep_stochastic_scheduler_of_ours():
     config = DDPMScheduler(clip_sample=False).config
     scheduler = ERSDESolverScheduler.from_config(config, noise_scale="reverse_sde")
     pipe = oracle_pipeline(scheduler)
-    target = exponentially_tilted(GaussianMixture(MEANS, VARIANCES, WEIGHTS), TILT)
+    target = GaussianMixture(MEANS, VARIANCES, WEIGHTS).exponentially_tilted(TILT)
     reference = target.sample(50_000, torch.Generator().manual_seed(1))
     unsteered = pipe(batch_size=500, num_inference_steps=25, generator=torch.Generator().manual_seed(0)).samples
     steering = FKSteering(reward=linear_reward, num_particles=8, potential="difference", reward_scale=1.0,
@@ -154,8 +157,14 @@ def test_resampling_reorders_a_multistep_schedulers_history():
     assert torch.equal(scheduler.timesteps, timesteps)
 
 
-def test_exported_from_the_package():
-    assert diffusers_ext.FKSteering is FKSteering
+def test_every_steering_method_is_exported_from_the_package():
+    import diffusers_ext.guidance as guidance
+
+    names = [c.name for c in diffusers_ext.list_components("guidance")]
+    assert len(names) == 6
+    for name in names:
+        assert getattr(diffusers_ext, name) is getattr(guidance, name)
+        assert issubclass(getattr(guidance, name), guidance.SteeringMethod)
 
 
 @pytest.mark.parametrize(

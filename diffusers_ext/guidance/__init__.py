@@ -6,6 +6,10 @@
 """
 
 from .fk_steering import FKSteering
+from .flowchef import FlowChef
+from .loss_guidance import LossGuidance
+from .minority_guidance import MinorityGuidance, euclidean_distance
+from .noise_search import NoiseSearch, NoiseSearchOutput
 from .rewards import (
     ClassifierLogProbability,
     MeasurementConsistency,
@@ -16,17 +20,25 @@ from .rewards import (
     jpeg_incompressibility,
     matrix_operator,
 )
+from .rollover_budget_forcing import RolloverBudgetForcing
 from .steering import DenoisingStep, SteeredScheduler, SteeringMethod
 
 __all__ = [
     "ClassifierLogProbability",
     "DenoisingStep",
     "FKSteering",
+    "FlowChef",
+    "LossGuidance",
     "MeasurementConsistency",
+    "MinorityGuidance",
+    "NoiseSearch",
+    "NoiseSearchOutput",
+    "RolloverBudgetForcing",
     "SteeredScheduler",
     "SteeringMethod",
     "blur_operator",
     "downsampling_operator",
+    "euclidean_distance",
     "inpainting_operator",
     "jpeg_compressibility",
     "jpeg_incompressibility",

@@ -17,6 +17,7 @@ from .steering import (
     Reward,
     SteeringMethod,
     check_positive_int,
+    check_reward_space,
     derived_generator,
     particle_groups,
     reindex_batch_state,
@@ -156,8 +157,7 @@ class NoiseSearch(SteeringMethod):
             raise ValueError(f"in paths mode num_paths={num_paths} must divide budget={budget} (the particles)")
         if not flow_eta >= 0:
             raise ValueError(f"flow_eta must be non-negative, got {flow_eta!r}")
-        if reward_space not in ("image", "sample"):
-            raise ValueError(f"reward_space must be 'image' or 'sample', got {reward_space!r}")
+        check_reward_space(reward_space)
         self.reward = reward
         # Only path search steps flow models stochastically; noise search needs the deterministic map noise -> sample.
         self.flow_eta = flow_eta if mode == "paths" else None

@@ -6,7 +6,7 @@ import torch
 from diffusers.configuration_utils import register_to_config
 
 from ..diffusion_math import x0_and_eps_from_prediction
-from .steering import DenoisingStep, Reward, SteeringMethod, check_positive_int
+from .steering import DenoisingStep, Reward, SteeringMethod, check_positive_int, check_reward_space
 
 
 class RolloverBudgetForcing(SteeringMethod):
@@ -74,8 +74,7 @@ class RolloverBudgetForcing(SteeringMethod):
         if not flow_eta > 0:
             raise ValueError(f"flow_eta must be positive (candidates differ only through the stochastic step), got "
                              f"{flow_eta!r}")
-        if reward_space not in ("image", "sample"):
-            raise ValueError(f"reward_space must be 'image' or 'sample', got {reward_space!r}")
+        check_reward_space(reward_space)
         self.reward = reward
         self.flow_eta = flow_eta
         self.nfe: torch.Tensor | None = None

@@ -150,6 +150,15 @@ class GaussianMixture:
         component_means = self.means[None] + self._from_eigenbasis(shrunk)
         return torch.einsum("bk,bkd->bd", torch.softmax(log_joint, dim=1), component_means)
 
+    def exponentially_tilted(self, direction: Sequence | torch.Tensor) -> GaussianMixture:
+        """The law ``p(x) exp(a . x) / Z`` for ``a = direction``, again a mixture: each component's mean moves by
+        ``Sigma_k a`` and its weight is multiplied by ``exp(a . mu_k + a . Sigma_k a / 2)``."""
+        direction = torch.as_tensor(direction, dtype=torch.float64, device=self.means.device)
+        if direction.shape != (self.dim,):
+            raise ValueError(f"direction must have shape ({self.dim},), got {tuple(direction.shape)}")
+        log_weights = self.weights.log() + self.means @ direction + 0.5 * direction @ self.covariances @ direction
+        return GaussianMixture(self.means + self.covariances @ direction, self.covariances, torch.softmax(log_weights, 0))
+
     def posterior_given_linear_measurement(
         self, matrix: Sequence | torch.Tensor, measurement: Sequence | torch.Tensor, noise_std: float
     ) -> GaussianMixture:
