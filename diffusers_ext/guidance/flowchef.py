@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from diffusers.configuration_utils import register_to_config
 
 from .steering import (
     DenoisingStep,
+    Loss,
     SteeringMethod,
     check_guidance_range,
     check_non_negative,
@@ -18,7 +17,6 @@ from .steering import (
     in_guidance_range,
 )
 
-Loss = Callable[[torch.Tensor], torch.Tensor]
 OPTIMIZERS = ("gradient_descent", "adam")
 
 

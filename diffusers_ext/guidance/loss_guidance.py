@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from diffusers.configuration_utils import register_to_config
 
 from .steering import (
     DenoisingStep,
+    Loss,
     SteeringMethod,
     check_guidance_range,
     check_non_negative,
@@ -17,7 +16,7 @@ from .steering import (
     in_guidance_range,
 )
 
-Loss = Callable[[torch.Tensor], torch.Tensor]
+
 class LossGuidance(SteeringMethod):
     r"""Guidance by the gradient of a loss on the x0 prediction, differentiated through the denoiser: diffusion
     posterior sampling for inverse problems, and plug-and-play conditioning by any differentiable loss.

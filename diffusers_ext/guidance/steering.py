@@ -36,7 +36,8 @@ from ..diffusion_math import (
     x0_and_eps_from_prediction,
 )
 
-Reward = Callable[[torch.Tensor], torch.Tensor]
+Reward = Callable[[torch.Tensor], torch.Tensor]  # higher is better
+Loss = Callable[[torch.Tensor], torch.Tensor]  # lower is better
 DENOISER_NAMES = ("unet", "transformer")
 
 
