@@ -9,6 +9,7 @@ from .steering import (
     DenoisingStep,
     Reward,
     SteeringMethod,
+    check_callable,
     check_positive_int,
     check_reward_space,
     particle_groups,
@@ -86,8 +87,7 @@ class FKSteering(SteeringMethod):
         seed: int = 0,
     ):
         super().__init__()
-        if reward is None or not callable(reward):
-            raise ValueError("FKSteering needs a reward: a callable mapping a batch to a (B,) tensor")
+        check_callable(reward, "FKSteering", "reward")
         check_positive_int(num_particles, "num_particles")
         check_positive_int(resample_every, "resample_every")
         if potential not in POTENTIALS:

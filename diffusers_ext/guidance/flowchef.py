@@ -9,6 +9,7 @@ from .steering import (
     DenoisingStep,
     Loss,
     SteeringMethod,
+    check_callable,
     check_guidance_range,
     check_non_negative,
     check_positive_int,
@@ -88,8 +89,7 @@ class FlowChef(SteeringMethod):
         reward_space: str = "image",
     ):
         super().__init__()
-        if loss is None or not callable(loss):
-            raise ValueError("FlowChef needs a loss: a callable mapping a batch to a (B,) tensor, lower is better")
+        check_callable(loss, "FlowChef", "loss")
         check_non_negative(step_size, "step_size")
         check_positive_int(num_iterations, "num_iterations")
         check_guidance_range(guidance_start, guidance_end)

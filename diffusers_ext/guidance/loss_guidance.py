@@ -9,6 +9,7 @@ from .steering import (
     DenoisingStep,
     Loss,
     SteeringMethod,
+    check_callable,
     check_guidance_range,
     check_non_negative,
     check_reward_space,
@@ -70,8 +71,7 @@ class LossGuidance(SteeringMethod):
         reward_space: str = "image",
     ):
         super().__init__()
-        if loss is None or not callable(loss):
-            raise ValueError("LossGuidance needs a loss: a callable mapping a batch to a (B,) tensor, lower is better")
+        check_callable(loss, "LossGuidance", "loss")
         check_non_negative(scale, "scale")
         if not isinstance(normalize, bool):
             raise ValueError(f"normalize must be True or False, got {normalize!r}")

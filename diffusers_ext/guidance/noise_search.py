@@ -16,6 +16,7 @@ from .steering import (
     DenoisingStep,
     Reward,
     SteeringMethod,
+    check_callable,
     check_positive_int,
     check_reward_space,
     derived_generator,
@@ -143,8 +144,7 @@ class NoiseSearch(SteeringMethod):
         seed: int = 0,
     ):
         super().__init__()
-        if reward is None or not callable(reward):
-            raise ValueError("NoiseSearch needs a reward (the verifier): a callable mapping a batch to a (B,) tensor")
+        check_callable(reward, "NoiseSearch", "reward")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         check_positive_int(budget, "budget")

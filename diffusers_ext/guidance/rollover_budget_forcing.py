@@ -6,7 +6,14 @@ import torch
 from diffusers.configuration_utils import register_to_config
 
 from ..diffusion_math import x0_and_eps_from_prediction
-from .steering import DenoisingStep, Reward, SteeringMethod, check_positive_int, check_reward_space
+from .steering import (
+    DenoisingStep,
+    Reward,
+    SteeringMethod,
+    check_callable,
+    check_positive_int,
+    check_reward_space,
+)
 
 
 class RolloverBudgetForcing(SteeringMethod):
@@ -68,8 +75,7 @@ class RolloverBudgetForcing(SteeringMethod):
         seed: int = 0,
     ):
         super().__init__()
-        if reward is None or not callable(reward):
-            raise ValueError("RolloverBudgetForcing needs a reward (the verifier): a callable mapping a batch to (B,)")
+        check_callable(reward, "RolloverBudgetForcing", "reward")
         check_positive_int(budget, "budget")
         if not flow_eta > 0:
             raise ValueError(f"flow_eta must be positive (candidates differ only through the stochastic step), got "

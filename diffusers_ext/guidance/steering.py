@@ -460,6 +460,16 @@ def run_generator(seed: int, first_sample: torch.Tensor) -> torch.Generator:
     return derived_generator(seed, checksum)
 
 
+def check_callable(value: Any, owner: str, role: str) -> Callable:
+    """``value`` if it is callable, else a ``ValueError`` saying ``owner`` needs a ``role`` (reward or loss)."""
+    if value is None or not callable(value):
+        better = "higher" if role == "reward" else "lower"
+        raise ValueError(
+            f"{owner} needs a {role}: a callable mapping a batch to a (B,) tensor, {better} is better; got {value!r}"
+        )
+    return value
+
+
 def check_positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
