@@ -13,11 +13,12 @@ from diffusers import (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
 )
-from tiny_pipelines import sd3_inputs, stable_diffusion_inputs, tiny_sd3, tiny_stable_diffusion
+from diffusers.configuration_utils import register_to_config
+from tiny_pipelines import flux_inputs, sd3_inputs, stable_diffusion_inputs, tiny_flux, tiny_sd3, tiny_stable_diffusion
 
 import diffusers_ext
 from diffusers_ext.guidance import FKSteering, jpeg_compressibility
-from diffusers_ext.guidance.steering import SteeredScheduler, reindex_batch_state
+from diffusers_ext.guidance.steering import SteeredScheduler, SteeringMethod, reindex_batch_state
 from diffusers_ext.schedulers import ERSDESolverScheduler
 from diffusers_ext.testing import (
     GaussianMixture,
@@ -142,6 +143,56 @@ def test_stochastic_flow_steps_follow_the_pipelines_generator():
                 for seed in (0, 0, 1)]
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
     assert not torch.allclose(runs[0], runs[2])
+
+
+class ReplayProbe(SteeringMethod):
+    """Replays the pipeline's denoiser call at the step's own input, and at the next timestep on the next sample,
+    to compare with what the pipeline computes there."""
+
+    uses_denoiser = True
+
+    @register_to_config
+    def __init__(self):
+        super().__init__()
+        self.same_call_error, self.next_call_error, self._forecast = [], [], None
+
+    def after_step(self, step, prev_sample):
+        self.same_call_error.append(float((self.denoise(step.sample, step.timestep, step) - step.model_output).abs().max()))
+        if self._forecast is not None:
+            self.next_call_error.append(float((self._forecast - step.model_output).abs().max()))
+        timesteps = self.scheduler.timesteps
+        later = timesteps[timesteps < step.timestep.to(timesteps.device)]
+        self._forecast = self.denoise(prev_sample, later[0], step) if len(later) else None
+        return prev_sample
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3", "flux"])
+def test_denoiser_replay_reproduces_the_pipelines_own_predictions(family):
+    """With CFG (SD, SD3) and with Flux's timestep / 1000 and packed latents, the replayed call equals the
+    pipeline's, at the recorded step and at the next timestep."""
+    pipe, inputs = {
+        "sd": lambda: (tiny_stable_diffusion(sd_scheduler()), stable_diffusion_inputs(num_images_per_prompt=2)),
+        "sd3": lambda: (tiny_sd3(FlowMatchEulerDiscreteScheduler(shift=3.0)), sd3_inputs(batch_size=2)),
+        "flux": lambda: (tiny_flux(), flux_inputs(batch_size=2)),
+    }[family]()
+    probe = ReplayProbe()
+    with probe.attached(pipe):
+        pipe(**inputs)
+    assert len(probe.same_call_error) == 4 and len(probe.next_call_error) == 3
+    assert max(probe.same_call_error) < 1e-5 and max(probe.next_call_error) < 1e-5, probe.__dict__
+
+
+def test_fk_steering_and_loss_guidance_on_flux():
+    pipe = tiny_flux()
+    unsteered = pipe(**flux_inputs(batch_size=2)).images
+    steering = FKSteering(reward=lambda x: -x.reshape(x.shape[0], -1).pow(2).mean(1), num_particles=2,
+                          reward_space="sample")
+    with steering.attached(pipe):
+        steered = pipe(**flux_inputs(batch_size=2)).images
+    assert steered.shape == unsteered.shape and not np.allclose(steered, unsteered)
+    with pytest.raises(ValueError, match="packed latents"), FKSteering(reward=jpeg_compressibility).attached(pipe):
+        pipe(**flux_inputs(batch_size=4))
+    np.testing.assert_array_equal(pipe(**flux_inputs(batch_size=2)).images, unsteered)
 
 
 def test_resampling_reorders_a_multistep_schedulers_history():

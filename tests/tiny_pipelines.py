@@ -4,6 +4,9 @@ text encoder is needed, and none can be downloaded here)."""
 import torch
 from diffusers import (
     AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -66,4 +69,31 @@ def sd3_inputs(seed: int = 0, batch_size: int = 1, **overrides) -> dict:
     inputs = dict(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds), pooled_prompt_embeds=pooled,
                   negative_pooled_prompt_embeds=torch.zeros_like(pooled), num_inference_steps=4, guidance_scale=2.0,
                   height=8, width=8, output_type="np", generator=torch.Generator().manual_seed(seed))
+    return inputs | overrides
+
+
+def tiny_flux() -> FluxPipeline:
+    """Flux: packed latents, the timestep divided by 1000 before the transformer, no classifier-free guidance."""
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM, axes_dims_rope=[2, 2, 4],
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=16,
+        shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    pipe = FluxPipeline(transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(),
+                        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def flux_inputs(seed: int = 0, batch_size: int = 1, **overrides) -> dict:
+    generator = torch.Generator().manual_seed(123)
+    embeds = torch.randn(1, 4, TEXT_DIM, generator=generator).repeat(batch_size, 1, 1)
+    pooled = torch.randn(1, TEXT_DIM, generator=generator).repeat(batch_size, 1)
+    inputs = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, num_inference_steps=4, height=16, width=16,
+                  max_sequence_length=4, output_type="np", generator=torch.Generator().manual_seed(seed))
     return inputs | overrides
