@@ -61,6 +61,16 @@ COMPONENTS: tuple[Component, ...] = (
         "2411.04746",
     ),
     Component(
+        "MaskedDiffusionScheduler",
+        "scheduler",
+        "diffusers_ext.schedulers",
+        "Masked (absorbing) diffusion for token sequences: MDLM ancestral, first-hitting (arXiv 2409.02908) and "
+        "adaptive-order parallel decoding, semi-autoregressive blocks, float64 Gumbel sampling, RADD caching signal",
+        "Simple and Effective Masked Diffusion Language Models",
+        "2406.07524",
+        "experimental",
+    ),
+    Component(
         "optimize_timesteps",
         "scheduler",
         "diffusers_ext.schedulers",

@@ -4,12 +4,20 @@ from diffusers import SchedulerMixin
 
 from .schedule_optimization import optimize_timesteps
 from .scheduling_er_sde import ERSDESolverScheduler
+from .scheduling_masked_diffusion import MaskedDiffusionScheduler
 from .scheduling_rf_solver import RFSolverScheduler
 from .scheduling_time_shift import TimeShiftScheduler
 
-__all__ = ["ERSDESolverScheduler", "RFSolverScheduler", "SchedulerMixin", "TimeShiftScheduler", "optimize_timesteps"]
+__all__ = [
+    "ERSDESolverScheduler",
+    "MaskedDiffusionScheduler",
+    "RFSolverScheduler",
+    "SchedulerMixin",
+    "TimeShiftScheduler",
+    "optimize_timesteps",
+]
 
 # `pipe.save_pretrained` records a component's module in model_index.json, and `from_pretrained` looks the base class
 # (`SchedulerMixin`) up in that module: record the public module, which has both.
-for _scheduler in (ERSDESolverScheduler, RFSolverScheduler, TimeShiftScheduler):
+for _scheduler in (ERSDESolverScheduler, MaskedDiffusionScheduler, RFSolverScheduler, TimeShiftScheduler):
     _scheduler.__module__ = __name__

@@ -1,0 +1,157 @@
+"""MaskedDiffusionScheduler against an exact denoiser of a law over short strings: every one-token-at-a-time
+sampler reproduces the law, parallel decoding and coarse ancestral steps measurably do not, RADD caching saves calls
+without changing the output, and bad settings raise clear errors."""
+
+import pytest
+import torch
+
+from diffusers_ext.schedulers import MaskedDiffusionScheduler
+from diffusers_ext.testing.discrete import StringMixtureDenoiser
+
+LENGTH, VOCAB, MASK = 6, 6, 5
+NUM_SAMPLES = 20_000
+
+
+@pytest.fixture(scope="module")
+def oracle() -> StringMixtureDenoiser:
+    generator = torch.Generator().manual_seed(0)
+    strings = torch.randint(0, VOCAB - 1, (12, LENGTH), generator=generator)
+    weights = torch.rand(12, generator=generator, dtype=torch.float64) + 0.2
+    return StringMixtureDenoiser(strings, weights, VOCAB, MASK)
+
+
+@pytest.fixture(scope="module")
+def tv_bound(oracle) -> float:
+    """Mean + 4 std of the total variation between exact draws of NUM_SAMPLES and the law."""
+    generator = torch.Generator().manual_seed(1)
+    values = torch.tensor([oracle.total_variation(oracle.strings[torch.multinomial(
+        oracle.weights, NUM_SAMPLES, replacement=True, generator=generator)]) for _ in range(8)])
+    return float(values.mean() + 4 * values.std())
+
+
+def generate(scheduler, model, steps, seed=0, cache=False, batch=NUM_SAMPLES):
+    tokens = torch.full((batch, LENGTH), MASK)
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(seed)
+    logits, changed, calls = None, True, 0
+    for t in scheduler.timesteps:
+        if logits is None or not cache or changed:
+            logits, calls = model(tokens), calls + 1
+        output = scheduler.step(logits, t, tokens, generator=generator)
+        tokens, changed = output.prev_sample, bool(output.changed.any())
+    return tokens, calls
+
+
+ONE_TOKEN_AT_A_TIME = {
+    "first_hitting": dict(sampler="first_hitting"),
+    "first_hitting_cosine_blocks": dict(sampler="first_hitting", noise_schedule="cosine", block_length=2),
+    "parallel_random": dict(sampler="parallel", unmasking_order="random"),
+    "parallel_confidence": dict(sampler="parallel", unmasking_order="confidence"),
+    "parallel_margin": dict(sampler="parallel", unmasking_order="margin"),
+    "parallel_entropy": dict(sampler="parallel", unmasking_order="entropy"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ONE_TOKEN_AT_A_TIME))
+def test_one_token_per_step_reproduces_the_law_in_any_order(name, oracle, tv_bound):
+    scheduler = MaskedDiffusionScheduler(mask_token_id=MASK, **ONE_TOKEN_AT_A_TIME[name])
+    samples, calls = generate(scheduler, oracle, LENGTH)
+    tv = oracle.total_variation(samples)
+    print(f"\n{name}: TV {tv:.4f} (bound {tv_bound:.4f}), {calls} denoiser calls")
+    assert (samples != MASK).all() and tv < tv_bound
+
+
+def test_ancestral_converges_to_the_law_and_caching_saves_calls(oracle, tv_bound):
+    scheduler = MaskedDiffusionScheduler(mask_token_id=MASK)
+    tv, calls = {}, {}
+    for steps in (2, 1000):
+        samples, calls[steps] = generate(scheduler, oracle, steps, cache=True)
+        assert (samples != MASK).all()
+        tv[steps] = oracle.total_variation(samples)
+    uncached, uncached_calls = generate(scheduler, oracle, 1000, cache=False, batch=64)
+    cached, cached_calls = generate(scheduler, oracle, 1000, cache=True, batch=64)
+    single_calls = [generate(scheduler, oracle, 1000, seed=seed, cache=True, batch=1)[1] for seed in range(5)]
+    print(f"\nancestral: TV {tv} (bound {tv_bound:.4f}); 1000 steps: {uncached_calls} calls, with RADD caching "
+          f"{cached_calls} for a batch of 64 and {single_calls} for single sequences")
+    assert tv[1000] < tv_bound < tv[2]
+    assert torch.equal(cached, uncached) and cached_calls < uncached_calls
+    assert max(single_calls) <= LENGTH + 1  # the first call, then one after each step that revealed a token
+
+
+def test_parallel_decoding_of_correlated_tokens_is_not_exact(oracle, tv_bound):
+    scheduler = MaskedDiffusionScheduler(mask_token_id=MASK, sampler="parallel", unmasking_order="confidence")
+    samples, calls = generate(scheduler, oracle, 2)
+    tv = oracle.total_variation(samples)
+    print(f"\nparallel, 3 tokens per step: TV {tv:.4f} (bound {tv_bound:.4f})")
+    assert calls == 2 and tv > 3 * tv_bound
+
+
+def test_first_hitting_and_ancestral_agree_in_distribution(oracle, tv_bound):
+    first_hitting, _ = generate(MaskedDiffusionScheduler(mask_token_id=MASK, sampler="first_hitting"), oracle, LENGTH)
+    ancestral, _ = generate(MaskedDiffusionScheduler(mask_token_id=MASK), oracle, 1000, seed=1, cache=True)
+    distance = 0.5 * (oracle.law_of(first_hitting) - oracle.law_of(ancestral)).abs().sum()
+    assert distance < 2 * tv_bound
+
+
+def test_first_hitting_times_follow_the_schedule():
+    """With n masked tokens the first-hitting time from t is t u^(1/n) under the log-linear schedule: its mean over
+    u is t n / (n + 1)."""
+    scheduler = MaskedDiffusionScheduler(mask_token_id=MASK, sampler="first_hitting")
+    scheduler.set_timesteps(LENGTH)
+    tokens = torch.full((50_000, LENGTH), MASK)
+    logits = torch.zeros(50_000, LENGTH, VOCAB)
+    times = scheduler.step(logits, scheduler.timesteps[0], tokens, generator=torch.Generator().manual_seed(0)).timestep
+    assert abs(float(times.mean()) - LENGTH / (LENGTH + 1)) < 0.005
+
+
+def test_add_noise_masks_the_expected_fraction():
+    scheduler = MaskedDiffusionScheduler(mask_token_id=MASK, noise_schedule="cosine")
+    clean = torch.zeros(20_000, 8, dtype=torch.long)
+    noisy = scheduler.add_noise(clean, torch.full((20_000,), 0.5), generator=torch.Generator().manual_seed(0))
+    expected = 1 - torch.cos(torch.tensor(torch.pi / 4)).item()
+    assert abs(float((noisy == MASK).double().mean()) - expected) < 0.005
+    assert ((noisy == MASK) | (noisy == clean)).all()
+
+
+def test_config_round_trip_and_same_seed(tmp_path, oracle):
+    scheduler = MaskedDiffusionScheduler(mask_token_id=MASK, sampler="parallel", unmasking_order="margin")
+    scheduler.save_pretrained(tmp_path)
+    loaded = MaskedDiffusionScheduler.from_pretrained(tmp_path)
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(loaded.config) == public(scheduler.config) and loaded.config.unmasking_order == "margin"
+    assert torch.equal(generate(scheduler, oracle, 3, batch=32)[0], generate(loaded, oracle, 3, batch=32)[0])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(), "mask_token_id"),
+        (dict(mask_token_id=-1), "mask_token_id"),
+        (dict(mask_token_id=MASK, sampler="euler"), "sampler"),
+        (dict(mask_token_id=MASK, noise_schedule="linear"), "noise_schedule"),
+        (dict(mask_token_id=MASK, unmasking_order="left"), "unmasking_order"),
+        (dict(mask_token_id=MASK, sampling_precision="float16"), "sampling_precision"),
+        (dict(mask_token_id=MASK, block_length=0), "block_length"),
+        (dict(mask_token_id=MASK, block_length=4), "semi-autoregressive"),
+    ],
+)
+def test_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MaskedDiffusionScheduler(**kwargs)
+
+
+def test_bad_calls(oracle):
+    scheduler = MaskedDiffusionScheduler(mask_token_id=MASK)
+    tokens = torch.full((2, LENGTH), MASK)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        scheduler.step(oracle(tokens), 1.0, tokens)
+    with pytest.raises(ValueError, match="positive integer"):
+        scheduler.set_timesteps(0)
+    scheduler.set_timesteps(1)
+    with pytest.raises(ValueError, match="logits"):
+        scheduler.step(oracle(tokens)[:, :3], 1.0, tokens)
+    with pytest.raises(ValueError, match="vocabulary"):
+        scheduler.step(oracle(tokens)[..., :MASK], 1.0, tokens)
+    scheduler.step(oracle(tokens), 1.0, tokens)
+    with pytest.raises(ValueError, match="step called"):
+        scheduler.step(oracle(tokens), 0.0, tokens)
