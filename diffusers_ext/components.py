@@ -81,6 +81,15 @@ COMPONENTS: tuple[Component, ...] = (
         "experimental",
     ),
     Component(
+        "MaskedDiffusionLMPipeline",
+        "pipeline",
+        "diffusers_ext.pipelines",
+        "Text generation and infilling with any masked LM as a masked-diffusion denoiser, with RADD caching",
+        "Your Absorbing Discrete Diffusion Secretly Models the Conditional Distributions of Clean Data",
+        "2406.03736",
+        "experimental",
+    ),
+    Component(
         "FKSteering",
         "guidance",
         "diffusers_ext.guidance",

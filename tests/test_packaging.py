@@ -46,10 +46,14 @@ def test_wheel_contains_every_subpackage_and_card_and_imports_from_it(tmp_path):
     )
     (wheel,) = tmp_path.glob("diffusers_ext-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for package in ("schedulers", "pipelines", "training", "testing", "hub", "hub_cards"):
-        assert f"diffusers_ext/{package}/__init__.py" in names
-    for card in ("pipeline", "model", "scheduler"):
-        assert f"diffusers_ext/hub_cards/{card}.md" in names
+    # Every package folder of the source tree, under the installed name it maps to.
+    sources = {"diffusers_ext": ROOT / "diffusers_ext", "diffusers_ext/schedulers": ROOT / "schedulers",
+               "diffusers_ext/pipelines": ROOT / "pipelines", "diffusers_ext/training": ROOT / "training"}
+    for installed, folder in sources.items():
+        for init in folder.rglob("__init__.py"):
+            assert f"{installed}/{init.relative_to(folder).as_posix()}" in names, init
+    for card in (ROOT / "hub_cards").glob("*.md"):
+        assert f"diffusers_ext/hub_cards/{card.name}" in names
     assert not any(name.startswith(("tests/", "benchmarks/")) for name in names)
 
     unpacked = tmp_path / "unpacked"
