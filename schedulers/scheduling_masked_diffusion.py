@@ -24,6 +24,15 @@ def unmasked_fraction(t: torch.Tensor, schedule: str) -> torch.Tensor:
     return torch.cos(math.pi / 2 * t)
 
 
+def elbo_weight(t: torch.Tensor, schedule: str) -> torch.Tensor:
+    """``-alpha'_t / (1 - alpha_t)``: the weight of a masked token's cross-entropy in the continuous-time ELBO
+    (``1 / t`` for ``loglinear``)."""
+    if schedule == "loglinear":
+        return 1 / t
+    angle = math.pi / 2 * t
+    return (math.pi / 2) * torch.sin(angle) / (1 - torch.cos(angle))
+
+
 def time_of_unmasked_fraction(alpha: torch.Tensor, schedule: str) -> torch.Tensor:
     """The inverse of ``unmasked_fraction``."""
     if schedule == "loglinear":

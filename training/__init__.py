@@ -1,1 +1,16 @@
 """Trainers on accelerate + PEFT: one trainer core, each method a loss plugged into it."""
+
+from .masked_diffusion_lm import MaskedDiffusionLMObjective
+from .text_data import pydoc_paragraphs, train_tokenizer
+from .trainer import Trainer, TrainingConfig, TrainingMethod, TrainingResult, latest_checkpoint
+
+__all__ = [
+    "MaskedDiffusionLMObjective",
+    "Trainer",
+    "TrainingConfig",
+    "TrainingMethod",
+    "TrainingResult",
+    "latest_checkpoint",
+    "pydoc_paragraphs",
+    "train_tokenizer",
+]
