@@ -49,6 +49,10 @@ def _demo(args: argparse.Namespace) -> None:
     from .guidance.demo import run_steering_demo
 
     run_steering_demo(Path(args.output) / "steering")
+    print("\nThe shipped tiny masked-diffusion language model (trained on Python's documentation)\n")
+    from .pipelines.text.demo import run_text_demo
+
+    run_text_demo(Path(args.output) / "text")
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; open {args.output}/ to look at the plots")
 
 

@@ -90,6 +90,22 @@ COMPONENTS: tuple[Component, ...] = (
         "experimental",
     ),
     Component(
+        "MaskedDiffusionLMObjective",
+        "trainer",
+        "diffusers_ext.training",
+        "MDLM's continuous-time negative ELBO (RADD's time-independent form) as a loss for the shared Trainer",
+        "Simple and Effective Masked Diffusion Language Models",
+        "2406.07524",
+        "experimental",
+    ),
+    Component(
+        "Trainer",
+        "trainer",
+        "diffusers_ext.training",
+        "The shared training core: accelerate (mixed precision, accumulation, multi-process, exact resume) and PEFT "
+        "LoRA; a method is a loss",
+    ),
+    Component(
         "FKSteering",
         "guidance",
         "diffusers_ext.guidance",

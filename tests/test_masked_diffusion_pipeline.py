@@ -90,6 +90,23 @@ def test_save_and_load_round_trip(tokenizer, tmp_path):
     assert loaded(sequence_length=10, generator=seeded()).texts == expected
 
 
+def test_shared_on_the_hub_layout_loads_through_stock_diffusers(tokenizer, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from diffusers_ext.hub import save_for_hub
+
+    pipe = make_pipeline(tokenizer, sampler="parallel", unmasking_order="entropy")
+    expected = pipe(sequence_length=10, generator=seeded()).texts
+    save_for_hub(pipe, tmp_path, repo_id="me/tiny-text", pipeline_tag="text-generation")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        DiffusionPipeline.from_pretrained(tmp_path)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded) is MaskedDiffusionLMPipeline
+    assert loaded(sequence_length=10, generator=seeded()).texts == expected
+    assert "text-generation" in (tmp_path / "README.md").read_text()
+
+
 def test_callback_sees_every_step(tokenizer):
     pipe = make_pipeline(tokenizer, sampler="first_hitting")
     seen = []

@@ -1,0 +1,1 @@
+"""Reproducible recipes for the models the package ships."""
