@@ -109,8 +109,9 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
     - ``parallel``: at step ``i`` of ``T``, ``ceil(n / (T - i))`` masked tokens are revealed, the positions ranked by
       ``unmasking_order`` (``confidence``, ``margin``, ``entropy`` or ``random``); ``T = L`` is one token per step.
 
-    With ``block_length``, ``first_hitting`` and ``parallel`` decode semi-autoregressively: only the leftmost block
-    that still holds masks is open. A step whose ``changed`` is False for every sequence leaves the input of a
+    With ``block_length``, ``first_hitting`` and ``parallel`` decode semi-autoregressively: positions are revealed
+    block by block from the left (a step that reveals more tokens than the current block holds continues into the
+    next). A step whose ``changed`` is False for every sequence leaves the input of a
     time-independent denoiser unchanged (RADD's caching): the caller may reuse the last logits.
 
     Args:
@@ -176,14 +177,13 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         masked = (draw >= keep).to(original_samples.device)
         return torch.where(masked, self.config.mask_token_id, original_samples)
 
-    def _open_positions(self, masked: torch.BoolTensor) -> torch.BoolTensor:
-        """Masked positions the sampler may reveal: all, or those of the leftmost block that still has masks."""
-        block = self.config.block_length
-        if block is None:
-            return masked
-        position = torch.arange(masked.shape[1], device=masked.device)
-        first = torch.where(masked, position, masked.shape[1]).amin(1, keepdim=True)
-        return masked & (position // block == first // block)
+    def _block_rank_offset(self, sample: torch.LongTensor) -> torch.Tensor:
+        """Semi-autoregressive decoding ranks every position of an earlier block above any of a later one: minus a
+        large multiple of the block index, added to the ordering scores (all of magnitude below ``1e3``)."""
+        if self.config.block_length is None:
+            return torch.zeros(sample.shape[1], dtype=torch.float64, device=sample.device)
+        block = torch.arange(sample.shape[1], device=sample.device) // self.config.block_length
+        return -1e4 * block.to(torch.float64)
 
     def step(
         self,
@@ -224,7 +224,6 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
             reveal = masked & (draw < reveal_probability)
             self._times = torch.full((batch,), float(s), dtype=torch.float64)
         else:
-            open_positions = self._open_positions(masked)
             num_masked = masked.sum(1)
             if sampler == "first_hitting":
                 count = (num_masked > 0).long()
@@ -236,9 +235,9 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
                 steps_left = self.num_inference_steps - self._step_index
                 count = (num_masked + steps_left - 1) // steps_left
                 scores = ordering_scores(logits.softmax(-1), self.config.unmasking_order, generator)
-            scores = torch.where(open_positions, scores.to(torch.float64), -math.inf)
+            scores = torch.where(masked, scores.to(torch.float64) + self._block_rank_offset(sample), -math.inf)
             ranks = scores.argsort(1, descending=True).argsort(1)
-            reveal = open_positions & (ranks < count[:, None])
+            reveal = masked & (ranks < count[:, None])
         prev_sample = torch.where(reveal, proposal, sample)
         self._step_index += 1
         changed = reveal.any(1)

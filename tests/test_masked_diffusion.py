@@ -234,3 +234,16 @@ def test_adaptive_order_solves_more_puzzles_than_random_order():
           "\n  exact denoiser, 3-3-3-2 cells per step:", parallel)
     for order in orders[1:]:
         assert solved[order] > solved["random"] + 0.2
+
+
+def test_blocks_are_decoded_left_to_right_even_when_a_step_spans_two(oracle):
+    scheduler = MaskedDiffusionScheduler(mask_token_id=MASK, sampler="parallel", unmasking_order="confidence",
+                                         block_length=2)
+    scheduler.set_timesteps(2)
+    tokens = torch.full((64, LENGTH), MASK)
+    generator = torch.Generator().manual_seed(0)
+    first = scheduler.step(oracle(tokens), scheduler.timesteps[0], tokens, generator=generator).prev_sample
+    revealed = first != MASK
+    assert revealed[:, :2].all() and (revealed[:, 2:4].sum(1) == 1).all() and not revealed[:, 4:].any()
+    final = scheduler.step(oracle(first), scheduler.timesteps[1], first, generator=generator).prev_sample
+    assert (final != MASK).all()
