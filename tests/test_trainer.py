@@ -13,6 +13,7 @@ from diffusers_ext.training import (
     TrainingConfig,
     latest_checkpoint,
     pydoc_paragraphs,
+    token_chunks,
     train_tokenizer,
 )
 
@@ -23,8 +24,7 @@ LENGTH = 32
 def corpus():
     paragraphs = pydoc_paragraphs()
     tokenizer = train_tokenizer(paragraphs[:400], vocab_size=400)
-    ids = torch.tensor([i for p in paragraphs[:600] for i in tokenizer(p, add_special_tokens=False).input_ids])
-    chunks = ids[: len(ids) // LENGTH * LENGTH].reshape(-1, LENGTH)
+    chunks = token_chunks(tokenizer, paragraphs[:600], LENGTH)
     return tokenizer, chunks[:-64], chunks[-64:]
 
 

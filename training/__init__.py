@@ -1,7 +1,7 @@
 """Trainers on accelerate + PEFT: one trainer core, each method a loss plugged into it."""
 
 from .masked_diffusion_lm import MaskedDiffusionLMObjective
-from .text_data import pydoc_paragraphs, train_tokenizer
+from .text_data import pydoc_paragraphs, token_chunks, train_and_held_out, train_tokenizer
 from .trainer import Trainer, TrainingConfig, TrainingMethod, TrainingResult, latest_checkpoint
 
 __all__ = [
@@ -12,5 +12,7 @@ __all__ = [
     "TrainingResult",
     "latest_checkpoint",
     "pydoc_paragraphs",
+    "token_chunks",
+    "train_and_held_out",
     "train_tokenizer",
 ]

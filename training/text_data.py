@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+import torch
 from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "mask_token": "[MASK]"}
@@ -37,3 +38,15 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> PreTrainedT
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+
+
+def token_chunks(tokenizer: PreTrainedTokenizerFast, texts: Iterable[str], length: int) -> torch.LongTensor:
+    """The texts tokenized, concatenated and cut into ``(N, length)`` chunks (the remainder dropped)."""
+    ids = torch.tensor([i for text in texts for i in tokenizer(text, add_special_tokens=False).input_ids])
+    return ids[: len(ids) // length * length].reshape(-1, length)
+
+
+def train_and_held_out(chunks: torch.LongTensor, held_out_fraction: float = 0.05):
+    """The last ``held_out_fraction`` of the chunks (at least one) held out, in corpus order."""
+    count = max(1, int(len(chunks) * held_out_fraction))
+    return chunks[:-count], chunks[-count:]

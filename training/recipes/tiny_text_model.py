@@ -24,7 +24,7 @@ from ...hub import save_for_hub
 from ...pipelines import MaskedDiffusionLMPipeline
 from ...schedulers import MaskedDiffusionScheduler
 from ..masked_diffusion_lm import MaskedDiffusionLMObjective
-from ..text_data import pydoc_paragraphs, train_tokenizer
+from ..text_data import pydoc_paragraphs, token_chunks, train_and_held_out, train_tokenizer
 from ..trainer import Trainer, TrainingConfig
 
 SEQUENCE_LENGTH = 64
@@ -39,10 +39,7 @@ def main() -> None:
 
     paragraphs = pydoc_paragraphs()
     tokenizer = train_tokenizer(paragraphs, vocab_size=2000)
-    ids = torch.tensor([i for p in paragraphs for i in tokenizer(p, add_special_tokens=False).input_ids])
-    chunks = ids[: len(ids) // SEQUENCE_LENGTH * SEQUENCE_LENGTH].reshape(-1, SEQUENCE_LENGTH)
-    held_out_count = len(chunks) // 20
-    train, held_out = chunks[:-held_out_count], chunks[-held_out_count:]
+    train, held_out = train_and_held_out(token_chunks(tokenizer, paragraphs, SEQUENCE_LENGTH))
 
     torch.manual_seed(0)
     model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=4,
