@@ -29,7 +29,9 @@ def card_template_text(template: str) -> str:
 
 
 def _kebab(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z][a-z])", "-", name).lower()
+    """``MaskedDiffusionLMPipeline`` -> ``masked-diffusion-lm-pipeline``: a hyphen before each capitalised word and
+    after each run of capitals (an acronym)."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "-", name).lower()
 
 
 def render_model_card(
