@@ -1,0 +1,1 @@
+from diffusers_ext.schedulers import MaskedDiffusionScheduler  # noqa: F401
