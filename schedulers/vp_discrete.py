@@ -169,6 +169,8 @@ class VPDiscreteScheduler(SchedulerMixin, ConfigMixin):
             else:
                 model_timesteps = vp_timesteps_from_noise_ratio(values, self.alphas_cumprod).float()
                 noise_levels = values
+            # Distinct in float64 is not enough: the model is handed float32 (or integer) timesteps.
+            check_strictly_decreasing(model_timesteps.double(), f"{name}, as float32 model timesteps,")
         final = torch.zeros(1, dtype=torch.float64) if self.config.final_sigmas_type == "zero" \
             else self._noise_ratio_at(torch.zeros(1))
         if final.item() >= noise_levels[-1].item():

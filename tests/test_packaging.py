@@ -54,6 +54,9 @@ def test_wheel_contains_every_subpackage_and_card_and_imports_from_it(tmp_path):
             assert f"{installed}/{init.relative_to(folder).as_posix()}" in names, init
     for card in (ROOT / "hub_cards").glob("*.md"):
         assert f"diffusers_ext/hub_cards/{card.name}" in names
+    for shipped in (ROOT / "diffusers_ext" / "assets").rglob("*"):
+        if shipped.is_file():
+            assert f"diffusers_ext/{shipped.relative_to(ROOT / 'diffusers_ext').as_posix()}" in names, shipped
     assert not any(name.startswith(("tests/", "benchmarks/")) for name in names)
 
     unpacked = tmp_path / "unpacked"

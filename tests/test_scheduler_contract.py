@@ -97,7 +97,7 @@ def _all_schedulers():
 
 
 @pytest.mark.parametrize("scheduler", list(_all_schedulers()), ids=[*sorted(VP_SCHEDULERS), "rf_solver"])
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps=st.one_of(st.integers(-5, 1200), st.floats(-2, 2000), st.none(), st.booleans()))
 def test_fuzzed_step_counts_work_or_raise_value_error(scheduler, steps):
     try:
@@ -111,10 +111,11 @@ def test_fuzzed_step_counts_work_or_raise_value_error(scheduler, steps):
 
 
 @pytest.mark.parametrize("make", [ERSDESolverScheduler, lambda: RFSolverScheduler.from_config(SD3_SCHEDULER_CONFIG)])
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(values=st.lists(st.one_of(st.floats(-10, 1100), st.just(float("nan"))), min_size=0, max_size=6),
        kind=st.sampled_from(["timesteps", "sigmas"]), declared=st.one_of(st.none(), st.integers(1, 8)))
 @example(values=[6.847395295754923e-68], kind="timesteps", declared=None)  # positive, but 0 in float32
+@example(values=[5e-324, 0.0], kind="timesteps", declared=None)  # decreasing in float64, not in float32
 def test_fuzzed_custom_grids_work_or_raise_value_error(make, values, kind, declared):
     scheduler = make()
     if isinstance(scheduler, RFSolverScheduler) and kind == "sigmas":
