@@ -2,6 +2,8 @@
 sampler reproduces the law, parallel decoding and coarse ancestral steps measurably do not, RADD caching saves calls
 without changing the output, and bad settings raise clear errors."""
 
+import math
+
 import pytest
 import torch
 
@@ -247,3 +249,31 @@ def test_blocks_are_decoded_left_to_right_even_when_a_step_spans_two(oracle):
     assert revealed[:, :2].all() and (revealed[:, 2:4].sum(1) == 1).all() and not revealed[:, 4:].any()
     final = scheduler.step(oracle(first), scheduler.timesteps[1], first, generator=generator).prev_sample
     assert (final != MASK).all()
+
+
+@pytest.mark.slow
+def test_float32_gumbel_sampling_under_samples_the_tail():
+    """One head token (logit 0) and 2^21 tail tokens at logit -17.5 hold 5 % of the mass. A float32 uniform near 1 is
+    a multiple of 2^-24, so the Gumbel noise takes only the values 16.6, 15.9, 15.5, ... at the top, and a tail token
+    wins only when the head's noise is below -0.9 and a tail token hit the top value: about 1.3 % instead of 5 %. The
+    float32 sampler draws the tail far less often (a lower entropy); the float64 one at the exact rate. With 640
+    draws the predicted float32 deficit is about 4.3 standard errors; the test asks for 3."""
+    tail_tokens, gap, draws = 2**21, 17.5, 640
+    exact = tail_tokens * math.exp(-gap) / (1 + tail_tokens * math.exp(-gap))
+    logits = torch.full((32, 1, tail_tokens + 2), -gap, dtype=torch.float64)
+    logits[..., 0] = 0.0
+    mask = tail_tokens + 1
+    fractions = {}
+    for precision in ("float64", "float32"):
+        scheduler = MaskedDiffusionScheduler(mask_token_id=mask, sampler="parallel", sampling_precision=precision)
+        generator, hits = torch.Generator().manual_seed(0), 0
+        for _ in range(draws // 32):
+            scheduler.set_timesteps(1)
+            tokens = torch.full((32, 1), mask)
+            hits += int((scheduler.step(logits, 1.0, tokens, generator=generator).prev_sample > 0).sum())
+        fractions[precision] = hits / draws
+    error = math.sqrt(exact * (1 - exact) / draws)
+    print(f"\ntail fraction: exact {exact:.4f}, float64 {fractions['float64']:.4f}, float32 {fractions['float32']:.4f} "
+          f"(standard error {error:.4f})")
+    assert abs(fractions["float64"] - exact) < 3 * error
+    assert fractions["float32"] < exact - 3 * error
