@@ -61,11 +61,17 @@ def tiny_sd3(scheduler) -> StableDiffusion3Pipeline:
     return pipe
 
 
-def sd3_inputs(seed: int = 0, batch_size: int = 1, **overrides) -> dict:
-    """SD3 does not repeat precomputed embeddings for ``num_images_per_prompt``; ``batch_size`` tiles them."""
+def pooled_prompt_embeddings(batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One prompt's sequence and pooled embeddings, tiled ``batch_size`` times: SD3 and Flux do not repeat
+    precomputed embeddings for ``num_images_per_prompt``."""
     generator = torch.Generator().manual_seed(123)
     embeds = torch.randn(1, 4, TEXT_DIM, generator=generator).repeat(batch_size, 1, 1)
     pooled = torch.randn(1, TEXT_DIM, generator=generator).repeat(batch_size, 1)
+    return embeds, pooled
+
+
+def sd3_inputs(seed: int = 0, batch_size: int = 1, **overrides) -> dict:
+    embeds, pooled = pooled_prompt_embeddings(batch_size)
     inputs = dict(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds), pooled_prompt_embeds=pooled,
                   negative_pooled_prompt_embeds=torch.zeros_like(pooled), num_inference_steps=4, guidance_scale=2.0,
                   height=8, width=8, output_type="np", generator=torch.Generator().manual_seed(seed))
@@ -91,9 +97,7 @@ def tiny_flux() -> FluxPipeline:
 
 
 def flux_inputs(seed: int = 0, batch_size: int = 1, **overrides) -> dict:
-    generator = torch.Generator().manual_seed(123)
-    embeds = torch.randn(1, 4, TEXT_DIM, generator=generator).repeat(batch_size, 1, 1)
-    pooled = torch.randn(1, TEXT_DIM, generator=generator).repeat(batch_size, 1)
+    embeds, pooled = pooled_prompt_embeddings(batch_size)
     inputs = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, num_inference_steps=4, height=16, width=16,
                   max_sequence_length=4, output_type="np", generator=torch.Generator().manual_seed(seed))
     return inputs | overrides
