@@ -141,3 +141,27 @@ def test_bad_inputs_give_clear_errors(tokenizer):
     without = MaskedDiffusionLMPipeline(tokenizer=no_mask, model=pipe.model, scheduler=pipe.scheduler)
     with pytest.raises(ValueError, match="no mask token"):
         without(sequence_length=4)
+
+
+def test_a_callback_that_edits_the_tokens_invalidates_the_cache(tokenizer):
+    """Edit (copy) the tokens after a step that revealed nothing: the next step must call the model again, one call
+    more than the same seeded run without the edit."""
+    pipe = make_pipeline(tokenizer)
+    calls = []
+    pipe.model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1), with_kwargs=True)
+    revealed = []
+
+    def record(pipeline, i, t, tensors):
+        revealed.append(int((tensors["tokens"] != tokenizer.mask_token_id).sum()))
+        return tensors
+
+    pipe(sequence_length=4, num_inference_steps=200, generator=seeded(), callback_on_step_end=record)
+    baseline = len(calls)
+    quiet = next(i for i in range(1, 199) if revealed[i] == revealed[i - 1])  # step i revealed nothing
+
+    def edit(pipeline, i, t, tensors):
+        return {"tokens": tensors["tokens"].clone()} if i == quiet else tensors
+
+    calls.clear()
+    pipe(sequence_length=4, num_inference_steps=200, generator=seeded(), callback_on_step_end=edit)
+    assert baseline <= 5 and len(calls) == baseline + 1

@@ -122,7 +122,7 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
             num_inference_steps = 1000 if self.scheduler.config.sampler == "ancestral" else masked_count
         self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
 
-        logits, stale, calls = None, torch.ones(tokens.shape[0], dtype=torch.bool), 0.0
+        logits, stale, calls = None, None, 0.0
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             if logits is None or not cache_model_output:
                 logits, calls = self.model(input_ids=tokens).logits / temperature, calls + 1
@@ -130,9 +130,11 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
                 logits[stale] = self.model(input_ids=tokens[stale]).logits / temperature
                 calls += float(stale.sum()) / tokens.shape[0]
             output = self.scheduler.step(logits, t, tokens, generator=generator)
-            tokens, stale = output.prev_sample, output.changed.cpu()
+            tokens, stale = output.prev_sample, output.changed
             if callback_on_step_end is not None:
-                tokens = callback_on_step_end(self, i, t, {"tokens": tokens}).pop("tokens", tokens)
+                returned = callback_on_step_end(self, i, t, {"tokens": tokens}).pop("tokens", tokens)
+                if returned is not tokens:  # edited by the callback: no cached logits can be trusted
+                    tokens, stale = returned, torch.ones_like(stale)
 
         texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True) if output_type == "text" else None
         self.maybe_free_model_hooks()
