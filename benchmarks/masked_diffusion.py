@@ -22,7 +22,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from diffusers_ext.schedulers import MaskedDiffusionScheduler
-from diffusers_ext.schedulers.scheduling_masked_diffusion import gumbel_max_sample
+from diffusers_ext.schedulers.scheduling_masked_diffusion import RADDLogitsCache, gumbel_max_sample
 
 VOCAB = 1024
 MASK = VOCAB - 1
@@ -32,18 +32,14 @@ def generate(model, scheduler, steps: int, batch: int, length: int, cache: bool,
     tokens = torch.full((batch, length), MASK)
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)
-    logits, stale, calls = None, torch.ones(batch, dtype=torch.bool), 0.0
+    denoiser = RADDLogitsCache(lambda ids: model(input_ids=ids).logits, enabled=cache)
     start = time.perf_counter()
     with torch.no_grad():
         for t in scheduler.timesteps:
-            if logits is None or not cache:
-                logits, calls = model(input_ids=tokens).logits, calls + 1
-            elif stale.any():
-                logits[stale] = model(input_ids=tokens[stale]).logits
-                calls += float(stale.sum()) / batch
-            output = scheduler.step(logits, t, tokens, generator=generator)
-            tokens, stale = output.prev_sample, output.changed
-    return tokens, calls, time.perf_counter() - start
+            output = scheduler.step(denoiser(tokens), t, tokens, generator=generator)
+            tokens = output.prev_sample
+            denoiser.mark_stale(output.changed)
+    return tokens, denoiser.calls, time.perf_counter() - start
 
 
 def tail_fraction(dtype: torch.dtype, vocab: int, draws: int, gap: float = 16.0) -> float:

@@ -4,6 +4,7 @@ parallel decoding in an adaptive order."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +85,36 @@ class MaskedDiffusionSchedulerOutput(BaseOutput):
     timestep: torch.Tensor
 
 
+class RADDLogitsCache:
+    """RADD's caching for a time-independent denoiser: its logits depend on the sequence only, so after a step a
+    sequence's logits are recomputed only if the step revealed one of its tokens (``stale``, the step output's
+    ``changed``). ``calls`` counts denoiser evaluations in units of the full batch.
+
+    ``logits_of(tokens)`` maps (B, L) token ids to (B, L, V) logits; ``enabled=False`` recomputes every step."""
+
+    def __init__(self, logits_of: Callable[[torch.LongTensor], torch.Tensor], enabled: bool = True):
+        self.logits_of = logits_of
+        self.enabled = enabled
+        self.logits: torch.Tensor | None = None
+        self.stale: torch.BoolTensor | None = None
+        self.calls = 0.0
+
+    def __call__(self, tokens: torch.LongTensor) -> torch.Tensor:
+        if self.logits is None or not self.enabled:
+            self.logits, self.calls = self.logits_of(tokens), self.calls + 1
+        elif self.stale.any():
+            self.logits[self.stale] = self.logits_of(tokens[self.stale])
+            self.calls += float(self.stale.sum()) / tokens.shape[0]
+        return self.logits
+
+    def mark_stale(self, changed: torch.BoolTensor) -> None:
+        self.stale = changed
+
+    def invalidate(self) -> None:
+        """The tokens were edited outside the scheduler: recompute everything at the next call."""
+        self.logits = None
+
+
 class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
     r"""Absorbing-state ("masked") diffusion over token sequences, with three samplers.
 
@@ -112,7 +143,7 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
     With ``block_length``, ``first_hitting`` and ``parallel`` decode semi-autoregressively: positions are revealed
     block by block from the left (a step that reveals more tokens than the current block holds continues into the
     next). A step whose ``changed`` is False for every sequence leaves the input of a
-    time-independent denoiser unchanged (RADD's caching): the caller may reuse the last logits.
+    time-independent denoiser unchanged (RADD's caching): ``RADDLogitsCache`` reuses the last logits.
 
     Args:
         mask_token_id: the absorbing state's token id.

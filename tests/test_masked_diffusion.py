@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from diffusers_ext.schedulers import MaskedDiffusionScheduler
+from diffusers_ext.schedulers.scheduling_masked_diffusion import RADDLogitsCache
 from diffusers_ext.testing.discrete import StringMixtureDenoiser
 
 LENGTH, VOCAB, MASK = 6, 6, 5
@@ -36,17 +37,12 @@ def generate(scheduler, model, steps, seed=0, cache=False, batch=NUM_SAMPLES):
     of its tokens (RADD). Returns the tokens and the denoiser calls in units of the batch."""
     tokens = torch.full((batch, LENGTH), MASK)
     scheduler.set_timesteps(steps)
-    generator = torch.Generator().manual_seed(seed)
-    logits, stale, calls = None, None, 0.0
+    generator, denoiser = torch.Generator().manual_seed(seed), RADDLogitsCache(model, enabled=cache)
     for t in scheduler.timesteps:
-        if logits is None or not cache:
-            logits, calls = model(tokens), calls + 1
-        elif stale.any():
-            logits[stale] = model(tokens[stale])
-            calls += float(stale.sum()) / batch
-        output = scheduler.step(logits, t, tokens, generator=generator)
-        tokens, stale = output.prev_sample, output.changed
-    return tokens, calls
+        output = scheduler.step(denoiser(tokens), t, tokens, generator=generator)
+        tokens = output.prev_sample
+        denoiser.mark_stale(output.changed)
+    return tokens, denoiser.calls
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
+from ...schedulers.scheduling_masked_diffusion import RADDLogitsCache
+
 
 @dataclass
 class MaskedDiffusionLMPipelineOutput(BaseOutput):
@@ -122,19 +124,17 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
             num_inference_steps = 1000 if self.scheduler.config.sampler == "ancestral" else masked_count
         self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
 
-        logits, stale, calls = None, None, 0.0
+        denoiser = RADDLogitsCache(lambda ids: self.model(input_ids=ids).logits / temperature, cache_model_output)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            if logits is None or not cache_model_output:
-                logits, calls = self.model(input_ids=tokens).logits / temperature, calls + 1
-            elif stale.any():
-                logits[stale] = self.model(input_ids=tokens[stale]).logits / temperature
-                calls += float(stale.sum()) / tokens.shape[0]
-            output = self.scheduler.step(logits, t, tokens, generator=generator)
-            tokens, stale = output.prev_sample, output.changed
+            output = self.scheduler.step(denoiser(tokens), t, tokens, generator=generator)
+            tokens = output.prev_sample
+            denoiser.mark_stale(output.changed)
             if callback_on_step_end is not None:
                 returned = callback_on_step_end(self, i, t, {"tokens": tokens}).pop("tokens", tokens)
-                if returned is not tokens:  # edited by the callback: no cached logits can be trusted
-                    tokens, stale = returned, torch.ones_like(stale)
+                if returned is not tokens:
+                    tokens = returned
+                    denoiser.invalidate()
+        calls = denoiser.calls
 
         texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True) if output_type == "text" else None
         self.maybe_free_model_hooks()
