@@ -161,11 +161,35 @@ def ddim_step(
     """
     if eta == 0:
         return alpha_next * x0 + sigma_next * eps
-    if noise is None:
-        raise ValueError("ddim_step with eta > 0 needs noise")
     ratio = torch.where(sigma > 0, (sigma_next * alpha) / (alpha_next * sigma), torch.zeros_like(sigma))
     stochastic = eta * sigma_next * (1 - ratio**2).clamp(min=0).sqrt()
-    return alpha_next * x0 + (sigma_next**2 - stochastic**2).clamp(min=0).sqrt() * eps + stochastic * noise
+    return noise_preserving_step(alpha_next * x0, eps, sigma_next, stochastic, noise)
+
+
+def noise_preserving_step(
+    mean: torch.Tensor,
+    eps: torch.Tensor,
+    noise_std: torch.Tensor | float,
+    fresh_noise_std: torch.Tensor | float,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The next state of a process whose noise has standard deviation ``noise_std`` there:
+
+        x_next = mean + sqrt(noise_std^2 - c^2) eps + c z,        c = fresh_noise_std,  z ~ N(0, I)
+
+    ``mean`` is the noise-free part (``alpha' x0`` for DDIM, ``a' x0 + b' y`` for the restoration processes), ``eps``
+    the predicted noise, reused for all but the fresh share ``c`` (``c = 0``: deterministic, DDIM-like; ``c`` at the
+    Markov posterior's standard deviation: ancestral sampling). ``c`` is clipped to ``noise_std``.
+    """
+    fresh_noise_std = torch.as_tensor(fresh_noise_std, dtype=mean.dtype, device=mean.device)
+    noise_std = torch.as_tensor(noise_std, dtype=mean.dtype, device=mean.device)
+    fresh_noise_std = torch.minimum(fresh_noise_std, noise_std)
+    kept = (noise_std**2 - fresh_noise_std**2).clamp(min=0).sqrt() * eps
+    if not bool((fresh_noise_std > 0).any()):
+        return mean + kept
+    if noise is None:
+        raise ValueError("a step with fresh noise (fresh_noise_std > 0) needs noise")
+    return mean + kept + fresh_noise_std * noise
 
 
 def x0_and_eps_from_prediction(

@@ -13,6 +13,7 @@ from .metrics import (
 from .oracle import GaussianMixtureDenoiser, GaussianMixtureDenoiserOutput
 from .pipeline_gaussian_mixture import GaussianMixtureSamplingPipeline, GaussianMixtureSamplingPipelineOutput
 from .reference import probability_flow_ode_solution
+from .restoration import ExactRestorationDenoiser, PairedGaussianLaw
 
 __all__ = [
     "GaussianMixture",
@@ -20,7 +21,9 @@ __all__ = [
     "GaussianMixtureDenoiserOutput",
     "GaussianMixtureSamplingPipeline",
     "GaussianMixtureSamplingPipelineOutput",
+    "ExactRestorationDenoiser",
     "NoiseFloor",
+    "PairedGaussianLaw",
     "SlicedWasserstein2",
     "distance_to_reference",
     "mixture_weight_error",
