@@ -106,6 +106,82 @@ COMPONENTS: tuple[Component, ...] = (
         "LoRA; a method is a loss",
     ),
     Component(
+        "RDDMScheduler",
+        "scheduler",
+        "diffusers_ext.schedulers",
+        "Residual denoising diffusion: residual and noise diffused separately, residual / noise / both predicted, "
+        "deterministic or stochastic sampling, restoration or generation (zero input)",
+        "Residual Denoising Diffusion Models",
+        "2308.13712",
+    ),
+    Component(
+        "ResShiftScheduler",
+        "scheduler",
+        "diffusers_ext.schedulers",
+        "Residual shifting between the degraded and the clean image in a 4- to 15-step Markov chain (kappa, eta "
+        "schedule), any sub-grid of the trained chain",
+        "ResShift: Efficient Diffusion Model for Image Super-resolution by Residual Shifting",
+        "2307.12348",
+    ),
+    Component(
+        "MeanRevertingScheduler",
+        "scheduler",
+        "diffusers_ext.schedulers",
+        "The mean-reverting SDE of IR-SDE (arXiv 2301.11699) sampled by the MR Sampler's ODE / SDE solvers (noise, "
+        "data or velocity prediction) in 10-20 NFE, or by Euler-Maruyama",
+        "MRS: A Fast Sampler for Mean Reverting Diffusion based on ODE and SDE Solvers",
+        "2502.07856",
+    ),
+    Component(
+        "BridgeScheduler",
+        "scheduler",
+        "diffusers_ext.schedulers",
+        "Denoising diffusion bridges (DDBM, arXiv 2309.16948; VP and VE) sampled by DBIM from stochastic to "
+        "deterministic and its higher-order variant, or by DDBM's own sampler",
+        "Diffusion Bridge Implicit Models",
+        "2405.15885",
+    ),
+    Component(
+        "RDDMPipeline",
+        "pipeline",
+        "diffusers_ext.pipelines",
+        "Image restoration (or generation from a zero input) with an RDDM model, pixel or latent space",
+        "Residual Denoising Diffusion Models",
+        "2308.13712",
+    ),
+    Component(
+        "ResShiftPipeline",
+        "pipeline",
+        "diffusers_ext.pipelines",
+        "4x super-resolution (or restoration) by residual shifting, pixel or latent space; a tiny model ships with "
+        "the package (`diffusers-ext restore`)",
+        "ResShift: Efficient Diffusion Model for Image Super-resolution by Residual Shifting",
+        "2307.12348",
+    ),
+    Component(
+        "MeanRevertingPipeline",
+        "pipeline",
+        "diffusers_ext.pipelines",
+        "Image restoration with a mean-reverting SDE model, sampled fast by MRS",
+        "Image Restoration with Mean-Reverting Stochastic Differential Equations",
+        "2301.11699",
+    ),
+    Component(
+        "BridgePipeline",
+        "pipeline",
+        "diffusers_ext.pipelines",
+        "Image-to-image restoration with a denoising diffusion bridge, sampled by DBIM in about 10 steps",
+        "Denoising Diffusion Bridge Models",
+        "2309.16948",
+    ),
+    Component(
+        "PairedRestorationObjective",
+        "trainer",
+        "diffusers_ext.training",
+        "One restoration loss for all four processes, driven by the method's scheduler, on the shared Trainer; data "
+        "from image-pair folders or on-the-fly degradations (noise, blur, 4x downscale, JPEG, rain)",
+    ),
+    Component(
         "FKSteering",
         "guidance",
         "diffusers_ext.guidance",
@@ -162,6 +238,12 @@ COMPONENTS: tuple[Component, ...] = (
         "oracle",
         "diffusers_ext.testing",
         "Exact epsilon / x0 / v / flow prediction of a Gaussian-mixture law under any VP or flow-matching schedule",
+    ),
+    Component(
+        "ExactRestorationDenoiser",
+        "oracle",
+        "diffusers_ext.testing",
+        "Exact restoration model of a paired Gaussian-mixture law (y = A x0 + n) for any restoration scheduler",
     ),
     Component(
         "GaussianMixtureSamplingPipeline",
