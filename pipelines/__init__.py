@@ -2,10 +2,13 @@
 
 from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin
 
+from .restoration import BridgePipeline, MeanRevertingPipeline, RDDMPipeline, ResShiftPipeline, RestorationPipeline
 from .text import MaskedDiffusionLMPipeline, MaskedDiffusionLMPipelineOutput
 
-__all__ = ["DiffusionPipeline", "MaskedDiffusionLMPipeline", "MaskedDiffusionLMPipelineOutput", "ModelMixin",
+__all__ = ["BridgePipeline", "DiffusionPipeline", "MaskedDiffusionLMPipeline", "MaskedDiffusionLMPipelineOutput",
+           "MeanRevertingPipeline", "ModelMixin", "RDDMPipeline", "ResShiftPipeline", "RestorationPipeline",
            "SchedulerMixin"]
 
 # model_index.json records a pipeline's module; record the public one.
-MaskedDiffusionLMPipeline.__module__ = __name__
+for _pipeline in (BridgePipeline, MaskedDiffusionLMPipeline, MeanRevertingPipeline, RDDMPipeline, ResShiftPipeline):
+    _pipeline.__module__ = __name__

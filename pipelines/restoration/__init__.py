@@ -4,7 +4,6 @@ from .pipeline_bridge import BridgePipeline
 from .pipeline_mean_reverting import MeanRevertingPipeline
 from .pipeline_rddm import RDDMPipeline
 from .pipeline_resshift import ResShiftPipeline
-from .pipeline_restoration import RestorationPipeline, upscale_bicubic
+from .pipeline_restoration import RestorationPipeline
 
-__all__ = ["BridgePipeline", "MeanRevertingPipeline", "RDDMPipeline", "ResShiftPipeline", "RestorationPipeline",
-           "upscale_bicubic"]
+__all__ = ["BridgePipeline", "MeanRevertingPipeline", "RDDMPipeline", "ResShiftPipeline", "RestorationPipeline"]

@@ -12,8 +12,8 @@ import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 
-from ...training.restoration_data import make_degradation, psnr, scikit_image_photos, ssim
-from .pipeline_restoration import RestorationPipeline, upscale_bicubic
+from ...training.restoration_data import make_degradation, psnr, scikit_image_photos, ssim, upscale_bicubic
+from .pipeline_restoration import RestorationPipeline
 
 SHIPPED_MODEL = "tiny-resshift-sr4"
 

@@ -17,12 +17,17 @@ ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | list[PIL.Image.Image]
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
-def upscale_bicubic(images: torch.Tensor, factor: int) -> torch.Tensor:
-    """Bicubic upsampling of images in [-1, 1] by an integer factor, clipped back to [-1, 1]: how a low-resolution
-    input is brought into the output's space before restoration (ResShift's ``y``)."""
+def upscale_bicubic(lowres: torch.Tensor, factor: int) -> torch.Tensor:
+    """Bicubic upsampling of ``(B, C, h, w)`` images in [-1, 1] by an integer factor, clipped to [-1, 1]: how a
+    low-resolution input is brought into the clean image's space, here and in the training data
+    (``training.restoration_data``), so that training sees what inference sees."""
+    if lowres.ndim != 4:
+        raise ValueError(f"upscale_bicubic takes a (B, C, H, W) batch, got shape {tuple(lowres.shape)}")
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"factor must be a positive integer, got {factor!r}")
     if factor == 1:
-        return images
-    upscaled = torch.nn.functional.interpolate(images, scale_factor=factor, mode="bicubic", align_corners=False)
+        return lowres
+    upscaled = torch.nn.functional.interpolate(lowres, scale_factor=factor, mode="bicubic", align_corners=False)
     return upscaled.clamp(-1, 1)
 
 
