@@ -114,8 +114,9 @@ class RestorationScheduler(SchedulerMixin, ConfigMixin):
     def original_and_noise(self, model_output: torch.Tensor, sample: torch.Tensor, degraded: torch.Tensor,
                            timestep) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x0_hat, eps_hat)`` from a model output at ``sample = x_t``: the prediction together with
-        ``x_t = a x0 + b y + s eps``. Where a coefficient that the inversion divides by is zero, the quantity it would
-        give does not enter any update and is returned as zero."""
+        ``x_t = a x0 + b y + s eps``. Where a coefficient that the inversion divides by is zero, the prediction does not
+        determine that quantity and it is returned as zero; a scheduler whose update still uses it there must decide
+        what to put in its place (``RDDMScheduler`` does)."""
         a, b, s = self.coefficients_like(timestep, sample)
         shifted = sample - b * degraded  # = a x0 + s eps
         prediction_type = self.config.prediction_type

@@ -28,7 +28,7 @@ def small_unet(output_factor: int = 1) -> UNet2DModel:
 
 @pytest.fixture(scope="module")
 def noisy_photo_patches():
-    degradation = make_degradation("gaussian_noise", std=0.1)
+    degradation = make_degradation("gaussian_noise", std=0.1, clip=True)
     train = DegradedPatchDataset(random_patches(scikit_image_photos("train"), PATCH, count=1024, seed=0),
                                  degradation, seed=0)
     held_out = DegradedPatchDataset(random_patches(scikit_image_photos("held_out"), PATCH, count=32, seed=1),

@@ -74,7 +74,10 @@ class PairedGaussianLaw:
         a, b, s = (torch.as_tensor(c, dtype=torch.float64).expand(sample.shape[0]) for c in (a, b, s))
         shifted = sample - b[:, None] * degraded
         mean = torch.empty_like(sample)
-        unique_degraded, which = torch.unique(degraded, dim=0, return_inverse=True)
+        if bool((degraded == degraded[:1]).all()):  # the common case in tests: one measurement, many chains
+            unique_degraded, which = degraded[:1], torch.zeros(len(degraded), dtype=torch.long)
+        else:
+            unique_degraded, which = torch.unique(degraded, dim=0, return_inverse=True)
         for index, y in enumerate(unique_degraded):
             rows = which == index
             posterior = self.posterior(y)
