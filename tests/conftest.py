@@ -1,5 +1,9 @@
 import pytest
 import torch
+
+# `make test` runs two workers on two cores: one thread each avoids oversubscription, which slows torch's CPU
+# kernels by an order of magnitude.
+torch.set_num_threads(1)
 from diffusers import DDIMScheduler
 
 from diffusers_ext.testing import GaussianMixture, GaussianMixtureDenoiser, GaussianMixtureSamplingPipeline

@@ -43,7 +43,7 @@ def test_training_raises_psnr_on_held_out_photos(method, noisy_photo_patches, tm
         scheduler, pipeline_class, steps = ResShiftScheduler(num_train_timesteps=4, kappa=0.5), ResShiftPipeline, 4
     else:
         scheduler, pipeline_class, steps = RDDMScheduler(prediction_type="residual"), RDDMPipeline, 5
-    config = TrainingConfig(output_dir=str(tmp_path), max_steps=150, batch_size=16, learning_rate=2e-3)
+    config = TrainingConfig(output_dir=str(tmp_path), max_steps=200, batch_size=16, learning_rate=2e-3)
     model = Trainer(PairedRestorationObjective(scheduler), small_unet(), train, config).train().model.eval()
 
     pipe = pipeline_class(unet=model, scheduler=scheduler, upscale_factor=1)
@@ -54,7 +54,7 @@ def test_training_raises_psnr_on_held_out_photos(method, noisy_photo_patches, tm
                     generator=torch.Generator().manual_seed(0)).images * 2 - 1
     before, after = float(psnr(degraded, clean).mean()), float(psnr(restored, clean).mean())
     print(f"\n{method}: held-out PSNR {before:.2f} dB (noisy input) -> {after:.2f} dB (restored)")
-    assert after > before + 2.0
+    assert after > before + 2.0  # measured: about +3.9 dB (ResShift) and +8 dB (RDDM)
 
 
 def test_resumed_run_ends_with_the_uninterrupted_weights(noisy_photo_patches, tmp_path):

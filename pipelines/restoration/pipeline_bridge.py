@@ -1,6 +1,6 @@
 """``BridgePipeline``: image-to-image restoration with a denoising diffusion bridge, sampled with DBIM.
 
-"Denoising Diffusion Bridge Models" (Zhou, Lou, Ermon; arXiv 2309.16948) bridges the degraded image and the clean
+"Denoising Diffusion Bridge Models" (Zhou, Lou, Khanna, Ermon; arXiv 2309.16948) bridges the degraded image and the clean
 one with a diffusion pinned at both ends; "Diffusion Bridge Implicit Models" (Zheng et al.; arXiv 2405.15885)
 samples it in about 10 steps, from stochastic to deterministic. The update is ``BridgeScheduler``'s.
 """
