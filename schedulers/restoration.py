@@ -151,18 +151,31 @@ class RestorationScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = None
         self._begin_index = None
 
-    def _advance_step_index(self, timestep) -> int:
-        """The index of this ``step`` in ``self.timesteps``; the counter then moves on."""
-        if self._step_index is None:
+    def begin_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, degraded: torch.Tensor) -> int:
+        """The checks every ``step`` starts with (a grid is set, the shapes agree, ``timestep`` is this step's);
+        returns the step's index in ``self.timesteps`` and moves the counter on."""
+        if getattr(self, "timesteps", None) is None:
+            raise ValueError("call set_timesteps before step")
+        if sample.ndim < 2 or degraded.shape != sample.shape:
+            raise ValueError(f"sample and degraded image must be batches (B, C, ...) of one shape, got "
+                             f"{tuple(sample.shape)} and {tuple(degraded.shape)}")
+        expected = (sample.shape[0], sample.shape[1] * self.model_output_channels_factor, *sample.shape[2:])
+        if tuple(model_output.shape) != expected:
+            raise ValueError(f"model_output must have shape {expected} for samples of shape {tuple(sample.shape)} "
+                             f"(prediction_type {self.config.prediction_type!r}), got {tuple(model_output.shape)}")
+        index = self._step_index
+        if index is None:
             if self._begin_index is not None:
-                self._step_index = self._begin_index
+                index = self._begin_index
             else:
                 matches = (self.timesteps == torch.as_tensor(timestep, device=self.timesteps.device)).nonzero()
-                self._step_index = int(matches[0]) if len(matches) else 0
-        index = self._step_index
+                index = int(matches[0]) if len(matches) else 0
         if index >= len(self.timesteps):
             raise ValueError(f"step called {index + 1} times after set_timesteps({len(self.timesteps)} steps)")
-        self._step_index += 1
+        current = self.timesteps[index]
+        if bool((torch.as_tensor(timestep, device=current.device) != current).any()):
+            raise ValueError(f"step {index} of this schedule is at timestep {current.item():g}, got {timestep}")
+        self._step_index = index + 1
         return index
 
     def __len__(self) -> int:

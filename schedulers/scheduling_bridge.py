@@ -387,17 +387,8 @@ class BridgeScheduler(RestorationScheduler):
         return_dict: bool = True,
     ) -> RestorationSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
         """One model call's update: a DBIM step, or DDBM's Euler-Maruyama, Heun predictor or Heun corrector."""
-        if self.timesteps is None:
-            raise ValueError("call set_timesteps before step")
-        if sample.shape != degraded.shape:
-            raise ValueError(f"sample {tuple(sample.shape)} and degraded {tuple(degraded.shape)} must have one shape")
-        if model_output.shape != sample.shape:
-            raise ValueError(f"model_output {tuple(model_output.shape)} must have the sample's shape "
-                             f"{tuple(sample.shape)} (prediction_type 'sample')")
-        index = self._advance_step_index(timestep)
+        index = self.begin_step(model_output, timestep, sample, degraded)
         current = self.timesteps[index]
-        if bool((torch.as_tensor(timestep, device=current.device) != current).any()):
-            raise ValueError(f"step {index} of this schedule is at timestep {float(current)}, got {timestep}")
         if index == 0:
             self._reset_solver_state()
         if self.config.clip_sample:

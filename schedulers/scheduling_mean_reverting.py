@@ -294,15 +294,8 @@ class MeanRevertingScheduler(RestorationScheduler):
         return_dict: bool = True,
     ) -> RestorationSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
         """One step from this grid time to the next (to ``t = 0`` after the last evaluation)."""
-        if self.timesteps is None:
-            raise ValueError("call set_timesteps before step")
-        if sample.shape != degraded.shape or model_output.shape != sample.shape:
-            raise ValueError(f"model_output {tuple(model_output.shape)}, sample {tuple(sample.shape)} and degraded "
-                             f"{tuple(degraded.shape)} must have one shape")
-        index = self._advance_step_index(timestep)
+        index = self.begin_step(model_output, timestep, sample, degraded)
         current = self.timesteps[index]
-        if bool((torch.as_tensor(timestep, device=current.device) != current).any()):
-            raise ValueError(f"step {index} of this schedule is at timestep {float(current)}, got {timestep}")
         here, there = self._grid[index], self._grid[index + 1]
 
         x0, eps = self.original_and_noise(model_output, sample, degraded, current)

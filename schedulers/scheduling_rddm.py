@@ -191,13 +191,8 @@ class RDDMScheduler(RestorationScheduler):
         return_dict: bool = True,
     ) -> RestorationSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
         """One step of the paper's sampler from ``timestep`` to the previous grid time (see the module docstring)."""
-        if self.timesteps is None:
-            raise ValueError("call set_timesteps before step")
-        self._check_shapes(model_output, sample, degraded)
-        index = self._advance_step_index(timestep)
+        index = self.begin_step(model_output, timestep, sample, degraded)
         current = int(self.timesteps[index])
-        if not bool((torch.as_tensor(timestep).double() == current).all()):
-            raise ValueError(f"step {index} of the grid is at timestep {current}, got timestep {timestep}")
         previous = self._previous_timesteps[index]
 
         a, b, s = self.coefficients_like(current, sample)
@@ -218,15 +213,3 @@ class RDDMScheduler(RestorationScheduler):
             return prev_sample, x0
         return RestorationSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
 
-    def _check_shapes(self, model_output: torch.Tensor, sample: torch.Tensor, degraded: torch.Tensor) -> None:
-        if degraded.shape != sample.shape:
-            raise ValueError(f"the degraded image must have the sample's shape {tuple(sample.shape)}, "
-                             f"got {tuple(degraded.shape)}")
-        expected = list(sample.shape)
-        if len(expected) < 2:
-            raise ValueError(f"samples must be batched (B, C, ...), got shape {tuple(sample.shape)}")
-        expected[1] *= self.model_output_channels_factor
-        if list(model_output.shape) != expected:
-            raise ValueError(f"prediction_type {self.config.prediction_type!r} needs a model output of shape "
-                             f"{tuple(expected)} for samples of shape {tuple(sample.shape)}, "
-                             f"got {tuple(model_output.shape)}")

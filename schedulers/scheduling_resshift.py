@@ -192,18 +192,8 @@ class ResShiftScheduler(RestorationScheduler):
     ) -> RestorationSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
         """One draw from ``q(x_r | x_t, x0 = x0_hat)``, from this grid time ``t`` to the next one ``r`` (0 after the
         last; that step returns ``x0_hat``)."""
-        if self.timesteps is None:
-            raise ValueError("call set_timesteps before step")
-        if sample.shape != degraded.shape:
-            raise ValueError(f"sample {tuple(sample.shape)} and degraded {tuple(degraded.shape)} must have one shape")
-        if model_output.shape != sample.shape:
-            raise ValueError(
-                f"model_output {tuple(model_output.shape)} must have the sample's shape {tuple(sample.shape)}"
-            )
-        index = self._advance_step_index(timestep)
+        index = self.begin_step(model_output, timestep, sample, degraded)
         current, previous = self.timesteps[index], self._previous_timesteps[index]
-        if bool((torch.as_tensor(timestep, device=current.device) != current).any()):
-            raise ValueError(f"step {index} of this schedule is at timestep {int(current)}, got {timestep}")
 
         x0, eps = self.original_and_noise(model_output, sample, degraded, current)
         a_prev, b_prev, s_prev = self.coefficients_like(previous, sample)

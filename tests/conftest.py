@@ -1,12 +1,12 @@
 import pytest
 import torch
+from diffusers import DDIMScheduler
+
+from diffusers_ext.testing import GaussianMixture, GaussianMixtureDenoiser, GaussianMixtureSamplingPipeline
 
 # `make test` runs two workers on two cores: one thread each avoids oversubscription, which slows torch's CPU
 # kernels by an order of magnitude.
 torch.set_num_threads(1)
-from diffusers import DDIMScheduler
-
-from diffusers_ext.testing import GaussianMixture, GaussianMixtureDenoiser, GaussianMixtureSamplingPipeline
 
 # A 2-D mixture with full, correlated covariances and unequal weights.
 MEANS_2D = [[-1.5, 0.5], [1.0, 1.0], [0.5, -1.5]]

@@ -493,7 +493,7 @@ def test_bad_step_calls_raise():
     with pytest.raises(ValueError, match="set_timesteps"):
         scheduler.step(eps, 100.0, sample, degraded)
     scheduler.set_timesteps(2)
-    with pytest.raises(ValueError, match="one shape"):
+    with pytest.raises(ValueError, match="model_output must have shape"):
         scheduler.step(eps[:, :2], scheduler.timesteps[0], sample, degraded)
     with pytest.raises(ValueError, match="one shape"):
         scheduler.step(eps, scheduler.timesteps[0], sample, degraded[:3])

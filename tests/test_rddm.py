@@ -504,7 +504,7 @@ def test_bad_calls_raise():
     scheduler.set_timesteps(2)
     with pytest.raises(ValueError, match="degraded image"):
         scheduler.step(output, 20, sample, torch.zeros(2, 3, 4, 5))
-    with pytest.raises(ValueError, match="model output"):
+    with pytest.raises(ValueError, match="model_output must have shape"):
         scheduler.step(sample, 20, sample, sample)  # one image where residual and noise are expected
     scheduler.step(output, 20, sample, sample)
     with pytest.raises(ValueError, match="timestep"):

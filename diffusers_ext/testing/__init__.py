@@ -16,12 +16,12 @@ from .reference import probability_flow_ode_solution
 from .restoration import ExactRestorationDenoiser, PairedGaussianLaw
 
 __all__ = [
+    "ExactRestorationDenoiser",
     "GaussianMixture",
     "GaussianMixtureDenoiser",
     "GaussianMixtureDenoiserOutput",
     "GaussianMixtureSamplingPipeline",
     "GaussianMixtureSamplingPipelineOutput",
-    "ExactRestorationDenoiser",
     "NoiseFloor",
     "PairedGaussianLaw",
     "SlicedWasserstein2",
