@@ -1,4 +1,4 @@
-"""The ``diffusers-ext`` command: ``list``, ``demo``, ``bench``, ``restore``."""
+"""The ``diffusers-ext`` command: ``list``, ``demo``, ``bench``, ``restore``, ``train``."""
 
 from __future__ import annotations
 
@@ -107,10 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     accuracy.add_argument("--dims", type=int, nargs="+", default=[2, 64])
     accuracy.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20, 50])
     accuracy.set_defaults(run=_bench)
+
+    # Listed here for --help; main() hands its arguments to training/cli.py, whose flags need torch to build.
+    commands.add_parser("train", add_help=False,
+                        help="train a registered method on the shared Trainer (diffusers-ext train --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        from .training.cli import main as train
+
+        return train(argv[1:])
     args = build_parser().parse_args(argv)
     args.run(args)
     return 0

@@ -1,42 +1,76 @@
 """The one training loop every diffusers-ext method plugs into: a method is a loss, the loop is this.
 
-Built on accelerate (devices, mixed precision, gradient accumulation, multi-process, checkpoint state) and PEFT
-(LoRA adapters, when ``TrainingConfig.lora_rank`` is set).
+Built on accelerate (devices, mixed precision, gradient accumulation, gradient clipping, multi-process, checkpoint
+state, experiment trackers) and PEFT (LoRA adapters, when ``TrainingConfig.lora_rank`` is set: diffusers'
+``add_adapter`` on diffusers models, ``get_peft_model`` on others), with diffusers' ``EMAModel`` for an exponential
+moving average of the trained weights.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+from accelerate.utils import DataLoaderConfiguration, LoggerType, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 CHECKPOINT_PREFIX = "checkpoint-"
+VALIDATION_FOLDER = "validation"
+MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
+# diffusers' text-to-image LoRA recipe: the attention projections of every transformer block.
+DIFFUSERS_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+# BERT-style attention projections, the targets for transformers models (the masked-diffusion LM's).
+TRANSFORMERS_LORA_TARGETS = ["query", "key", "value"]
+_TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+_NONE_WORDS = ("none", "null", "~", "")
 
 
 @dataclass
 class TrainingConfig:
-    """What a run does; every method shares these fields.
+    """What a run does; every method shares these fields. Build it in Python, from a YAML file of these fields
+    (``from_yaml``), or from ``diffusers-ext train``'s flags. Strings are parsed into the field's type (``"1e-4"``,
+    ``"true"``, ``"none"``, ``"to_q,to_v"``), so YAML's unquoted ``1e-4`` (a string to YAML 1.1) works.
 
     Attributes:
-        output_dir: checkpoints go to ``output_dir/checkpoint-<step>``.
+        output_dir: checkpoints go to ``output_dir/checkpoint-<step>``, validation outputs to
+            ``output_dir/validation/step-<step>``, tracker logs to ``output_dir/logs``.
         max_steps: optimizer steps.
         batch_size: per process, per accumulation micro-step.
         learning_rate, weight_decay: AdamW's.
         gradient_accumulation_steps: micro-batches per optimizer step.
-        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` (accelerate's).
-        checkpoint_every: save the full state (model, optimizer, RNG, step) every this many steps; 0 never.
+        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` (accelerate's). Under ``"fp16"`` the trained weights are
+            kept in float32 (diffusers' ``cast_training_params``), the frozen ones as given.
+        checkpoint_every: save the full state (model, optimizer, EMA, RNG, step) every this many steps; 0 never.
         resume_from: a checkpoint folder, or ``"latest"`` (the newest in ``output_dir``), or ``None``.
         lora_rank: train a PEFT LoRA adapter of this rank instead of every weight; ``None`` for full fine-tuning.
-        lora_target_modules: module names LoRA wraps (PEFT's ``target_modules``).
+        lora_alpha: the adapter's scale numerator (its output is scaled by ``lora_alpha / lora_rank``); ``None``
+            means ``lora_rank``.
+        lora_target_modules: module names LoRA wraps (PEFT's ``target_modules``); ``None`` means
+            ``["to_k", "to_q", "to_v", "to_out.0"]`` on diffusers models, ``["query", "key", "value"]`` on others.
         seed: seeds data order, noise and initialisation of adapters.
+        gradient_checkpointing: recompute activations in the backward pass (``enable_gradient_checkpointing``).
+        max_grad_norm: clip the gradient's global norm to this before each optimizer step; ``None`` never.
+        ema_decay: keep an exponential moving average of the trained weights (diffusers' ``EMAModel``: the first
+            update copies the weights, update ``k >= 2`` uses the decay ``min(ema_decay, k / (k + 9))``); ``None``
+            for none. Checkpoints save and restore it; validation runs on it; ``TrainingResult.ema_weights`` holds it.
+        validation_every: every this many steps, call the method's ``validate(model, step, folder)`` on the main
+            process; 0 never.
+        log_with: an accelerate tracker name (``"tensorboard"``, ``"wandb"``, ...) to log the loss and validation
+            to; ``None`` for none.
+        project_name: the tracker's project (run) name.
     """
 
     output_dir: str = "training_output"
@@ -49,26 +83,149 @@ class TrainingConfig:
     checkpoint_every: int = 0
     resume_from: str | None = None
     lora_rank: int | None = None
-    lora_target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value"])
+    lora_alpha: int | None = None
+    lora_target_modules: list[str] | None = None
     seed: int = 0
+    gradient_checkpointing: bool = False
+    max_grad_norm: float | None = None
+    ema_decay: float | None = None
+    validation_every: int = 0
+    log_with: str | None = None
+    project_name: str = "diffusers-ext"
 
     def __post_init__(self):
+        for name, annotation in typing.get_type_hints(type(self)).items():
+            setattr(self, name, _coerce(name, getattr(self, name), annotation))
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("checkpoint_every", "validation_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: never), got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
-        if self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int)
-                                           or self.lora_rank < 1):
-            raise ValueError(f"lora_rank must be a positive integer (or None for full fine-tuning), got "
-                             f"{self.lora_rank!r}")
+        if self.mixed_precision not in MIXED_PRECISION_CHOICES:
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION_CHOICES}, got {self.mixed_precision!r}")
+        for name in ("lora_rank", "lora_alpha"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer (or None), got {getattr(self, name)!r}")
+        if self.lora_rank is None and (self.lora_alpha is not None or self.lora_target_modules is not None):
+            raise ValueError("lora_alpha and lora_target_modules need lora_rank (None: full fine-tuning, no adapter)")
+        if self.lora_target_modules is not None and not self.lora_target_modules:
+            raise ValueError("lora_target_modules must name at least one module (or be None for the default)")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive (or None: no clipping), got {self.max_grad_norm!r}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must lie in (0, 1) (or be None: no EMA), got {self.ema_decay!r}")
+        if not self.project_name:
+            raise ValueError("project_name must not be empty")
+        if self.log_with is not None:
+            _check_tracker(self.log_with)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainingConfig:
+        """A config from field values (strings are parsed); unknown names are a ``ValueError`` naming them."""
+        cls._check_names(values, "the values")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> TrainingConfig:
+        """The fields in the YAML file at ``path``, then ``overrides`` on top (both checked and parsed the same
+        way); fields in neither keep their defaults."""
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a mapping of TrainingConfig fields, got a {type(values).__name__}")
+        cls._check_names(values, str(path))
+        cls._check_names(overrides or {}, "the overrides")
+        return cls(**{**values, **(overrides or {})})
+
+    @classmethod
+    def _check_names(cls, values: Mapping[str, Any], source: str) -> None:
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"unknown TrainingConfig field(s) in {source}: {unknown}; valid fields: "
+                             f"{cls.field_names()}")
+
+    def to_yaml(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(asdict(self), sort_keys=False), encoding="utf-8")
+        return path
+
+
+def _describe(annotation: Any) -> str:
+    if _optional_inner(annotation) is not None:
+        return f"{_describe(_optional_inner(annotation))} or None"
+    if typing.get_origin(annotation) is list:
+        return "a list of strings"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[annotation]
+
+
+def _optional_inner(annotation: Any) -> Any | None:
+    """``X`` for ``X | None``, else ``None``."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation):
+        (inner,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return inner
+    return None
+
+
+def _coerce(name: str, value: Any, field_type: Any) -> Any:
+    """``value`` as a TrainingConfig field of type ``field_type``: checked, and parsed when it is a string."""
+    annotation = field_type
+    inner = _optional_inner(annotation)
+    if inner is not None:
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS):
+            return None
+        annotation = inner
+    text = value.strip() if isinstance(value, str) else None
+    try:
+        if typing.get_origin(annotation) is list:
+            items = [item.strip() for item in text.split(",") if item.strip()] if text is not None else value
+            if isinstance(items, list | tuple) and all(isinstance(item, str) for item in items):
+                return list(items)
+        elif annotation is bool:
+            if isinstance(value, bool):
+                return value
+            if text is not None and text.lower() in _TRUE_WORDS + _FALSE_WORDS:
+                return text.lower() in _TRUE_WORDS
+        elif annotation is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if text is not None:
+                return int(text)
+        elif annotation is float:
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+            if text is not None:
+                return float(text)
+        elif annotation is str and isinstance(value, str | os.PathLike):
+            return os.fspath(value)
+    except ValueError:
+        pass
+    raise ValueError(f"{name} must be {_describe(field_type)}, got {value!r}")
+
+
+def coerce_field(name: str, value: Any) -> Any:
+    """``value`` parsed and checked as ``TrainingConfig.<name>`` (a ``ValueError`` if it is not one)."""
+    return _coerce(name, value, typing.get_type_hints(TrainingConfig)[name])
+
+
+def _check_tracker(name: str) -> None:
+    if name not in LOGGER_TYPE_TO_CLASS:
+        raise ValueError(f"log_with={name!r} is not an accelerate tracker; known: {sorted(LOGGER_TYPE_TO_CLASS)}")
+    # accelerate silently drops a built-in tracker whose package is missing; a run asked to log must not.
+    if name in {t.value for t in LoggerType} and LoggerType(name) not in get_available_trackers():
+        raise ValueError(f"log_with={name!r} needs its package, which is not installed (pip install {name})")
 
 
 class TrainingMethod(Protocol):
-    """A method: a name (stored in checkpoints, so a run cannot resume another method's) and a loss."""
+    """A method: a name (stored in checkpoints, so a run cannot resume another method's) and a loss. It may also have
+    ``validate(model, step, folder) -> dict[str, float] | list[PIL.Image.Image]``, called every
+    ``TrainingConfig.validation_every`` steps: numbers are logged, images saved into ``folder`` and logged."""
 
     name: str
 
@@ -77,47 +234,115 @@ class TrainingMethod(Protocol):
 
 @dataclass
 class TrainingResult:
+    """``model`` is the trained model (unwrapped: a PEFT model or a diffusers model with an adapter under LoRA);
+    ``ema_weights`` maps the names of its trained parameters to their EMA (``None`` without ``ema_decay``); load them
+    with ``model.load_state_dict(result.ema_weights, strict=False)``."""
+
     model: torch.nn.Module
     losses: list[float]
     step: int
+    ema_weights: dict[str, torch.Tensor] | None = None
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    folders = [p for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if re.fullmatch(r"\d+", p.name[len(CHECKPOINT_PREFIX):])]
-    return max(folders, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+    steps = {int(p.name[len(CHECKPOINT_PREFIX):]): p for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*")
+             if re.fullmatch(r"\d+", p.name[len(CHECKPOINT_PREFIX):])}
+    return steps[max(steps)] if steps else None
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """diffusers' ``enable_gradient_checkpointing`` or transformers' ``gradient_checkpointing_enable``; a
+    ``ValueError`` for a model that has neither."""
+    if getattr(model, "_supports_gradient_checkpointing", False):  # diffusers ModelMixin
+        model.enable_gradient_checkpointing()
+    elif getattr(model, "supports_gradient_checkpointing", False):  # transformers PreTrainedModel
+        # Non-reentrant checkpointing propagates gradients to adapters even when the inputs need none.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise ValueError(f"gradient_checkpointing=True, but {type(model).__name__} does not support gradient "
+                         "checkpointing (it needs a diffusers ModelMixin or transformers PreTrainedModel that does)")
+
+
+def add_lora_adapter(model: torch.nn.Module, config: TrainingConfig) -> torch.nn.Module:
+    """The model with a LoRA adapter, only the adapter trainable: diffusers models that take adapters
+    (``PeftAdapterMixin``: UNet2DConditionModel, the DiT transformers, ...) get diffusers' ``add_adapter`` with
+    Gaussian init, as diffusers' LoRA scripts do, so that ``save_lora_weights`` / ``load_lora_weights`` round-trip;
+    other models are wrapped by PEFT's ``get_peft_model``."""
+    from diffusers import ModelMixin
+    from diffusers.loaders import PeftAdapterMixin
+    from peft import LoraConfig, get_peft_model
+
+    alpha = config.lora_alpha or config.lora_rank
+    default_targets = DIFFUSERS_LORA_TARGETS if isinstance(model, ModelMixin) else TRANSFORMERS_LORA_TARGETS
+    targets = config.lora_target_modules or default_targets
+    if isinstance(model, PeftAdapterMixin):
+        model.requires_grad_(False)
+        model.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                     target_modules=targets))
+        return model
+    return get_peft_model(model, LoraConfig(r=config.lora_rank, lora_alpha=alpha, target_modules=targets))
+
+
+def _tracker_values(config: TrainingConfig) -> dict[str, Any]:
+    """The config as trackers take it: TensorBoard's hyperparameters are scalars and strings only."""
+    return {k: ", ".join(v) if isinstance(v, list) else v for k, v in asdict(config).items()}
 
 
 class Trainer:
     """``Trainer(method, model, dataset, config).train()``: AdamW on the model's trainable weights (or a LoRA
     adapter), ``method.loss`` on shuffled batches, checkpoints with accelerate's ``save_state`` and an exact resume
-    (data order, RNG and optimizer state continue where they stopped). Checkpoints are this run's own files: resume
-    only from folders you wrote (accelerate reads optimizer and RNG state with ``torch.load``)."""
+    (data order, RNG, optimizer and EMA state continue where they stopped). Checkpoints are this run's own files:
+    resume only from folders you wrote (accelerate reads optimizer and RNG state with ``torch.load``).
+
+    Every input is checked before anything is written, so a bad one leaves ``output_dir`` as it was."""
 
     def __init__(self, method: TrainingMethod, model: torch.nn.Module, dataset: Dataset, config: TrainingConfig,
                  collate_fn: Callable | None = None):
         if len(dataset) == 0:
             raise ValueError("the training data set is empty")
+        if config.validation_every and not callable(getattr(method, "validate", None)):
+            raise ValueError(f"validation_every={config.validation_every}, but the {method.name} method has no "
+                             "validate(model, step, folder)")
         self.method, self.config = method, config
+        project = ProjectConfiguration(project_dir=config.output_dir,
+                                       logging_dir=str(Path(config.output_dir) / "logs"))
         self.accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
-                                       mixed_precision=config.mixed_precision,
+                                       mixed_precision=config.mixed_precision, log_with=config.log_with,
+                                       project_config=project,
                                        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
         set_seed(config.seed)
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         if config.lora_rank is not None:
-            from peft import LoraConfig, get_peft_model
+            model = add_lora_adapter(model, config)
+        if config.mixed_precision == "fp16":
+            from diffusers.training_utils import cast_training_params
 
-            model = get_peft_model(model, LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank,
-                                                     target_modules=config.lora_target_modules))
+            # The gradient scaler refuses float16 gradients, and float16 weights lose small updates.
+            cast_training_params(model, dtype=torch.float32)
         # An explicit generator keeps the loader's own draws off the global RNG, which dropout uses: a resumed run
         # creates its loader iterator at a different moment than the uninterrupted one.
         loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
                             drop_last=len(dataset) >= config.batch_size, collate_fn=collate_fn,
                             generator=torch.Generator().manual_seed(config.seed))
-        parameters = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named_trainable:
+            raise ValueError(f"{type(model).__name__} has no trainable parameters")
+        optimizer = torch.optim.AdamW([p for _, p in named_trainable], lr=config.learning_rate,
+                                      weight_decay=config.weight_decay)
         self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
+        # prepare() moves parameters in place, so these are the ones the optimizer updates.
+        self.trainable_names = [n for n, _ in named_trainable]
+        self.trainable = [p for _, p in named_trainable]
         self.generator = torch.Generator().manual_seed(config.seed + 1)
         self.step = 0
         self.accelerator.register_for_checkpointing(self)
+        self.ema = None
+        if config.ema_decay is not None:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.trainable, decay=config.ema_decay)
+            self.accelerator.register_for_checkpointing(self.ema)
 
     # accelerate saves and restores these with every checkpoint
     def state_dict(self) -> dict:
@@ -137,7 +362,15 @@ class Trainer:
         folder = latest_checkpoint(self.config.output_dir) if target == "latest" else Path(target)
         if folder is None or not folder.is_dir():
             raise ValueError(f"no checkpoint to resume from at {target!r} (output_dir={self.config.output_dir!r})")
+        # accelerate names registered objects' files by registration order: the trainer's 0, the EMA's 1.
+        holds_ema = (folder / "custom_checkpoint_1.pkl").is_file()
+        if holds_ema != (self.ema is not None):
+            written = "with" if holds_ema else "without"
+            raise ValueError(f"the checkpoint {folder} was written {written} an EMA; resume it with ema_decay "
+                             f"{'set' if holds_ema else 'None'}")
         self.accelerator.load_state(str(folder))
+        if self.ema is not None:
+            self.ema.to(self.accelerator.device)  # accelerate loads custom state onto the CPU
 
     def save_checkpoint(self) -> Path:
         folder = Path(self.config.output_dir) / f"{CHECKPOINT_PREFIX}{self.step}"
@@ -147,6 +380,22 @@ class Trainer:
     def train(self) -> TrainingResult:
         self._resume()
         config, losses = self.config, []
+        if config.log_with is not None:
+            self.accelerator.init_trackers(config.project_name, config=_tracker_values(config))
+        try:
+            self._run(losses)
+        finally:
+            if config.log_with is not None:
+                self.accelerator.end_training()
+        ema_weights = None
+        if self.ema is not None:
+            ema_weights = {n: p.detach().clone() for n, p in zip(self.trainable_names, self.ema.shadow_params,
+                                                                   strict=True)}
+        return TrainingResult(model=self.accelerator.unwrap_model(self.model), losses=losses, step=self.step,
+                              ema_weights=ema_weights)
+
+    def _run(self, losses: list[float]) -> None:
+        config = self.config
         micro_steps_per_epoch = len(self.loader)
         progress = tqdm(total=config.max_steps, initial=self.step, desc=f"training {self.method.name}",
                         disable=not self.accelerator.is_local_main_process)
@@ -160,20 +409,77 @@ class Trainer:
                 with self.accelerator.accumulate(self.model):
                     loss = self.method.loss(self.model, batch, self.generator)
                     if not torch.isfinite(loss):
-                        raise ValueError(f"the {self.method.name} loss is not finite at step {self.step}: {loss.item()}")
+                        raise ValueError(f"the {self.method.name} loss is not finite at step {self.step}: "
+                                         f"{loss.item()}")
                     self.accelerator.backward(loss)
+                    if config.max_grad_norm is not None and self.accelerator.sync_gradients:
+                        self.accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad()
                 if not self.accelerator.sync_gradients:
                     continue
+                if self.ema is not None:
+                    self.ema.step(self.trainable)
                 self.step += 1
                 losses.append(float(loss.detach()))
                 progress.update()
                 progress.set_postfix(loss=f"{losses[-1]:.4f}")
+                if config.log_with is not None:
+                    self.accelerator.log({"loss": losses[-1]}, step=self.step)
+                # Validation comes before the checkpoint so that the checkpoint's RNG state is the one that follows.
+                if config.validation_every and self.step % config.validation_every == 0:
+                    self.validate()
                 if config.checkpoint_every and self.step % config.checkpoint_every == 0:
                     self.save_checkpoint()
                 if self.step >= config.max_steps:
                     break
         progress.close()
-        return TrainingResult(model=self.accelerator.unwrap_model(self.model), losses=losses, step=self.step)
 
+    def validate(self) -> None:
+        """``method.validate`` on the main process, in eval mode, on the EMA weights when there is an EMA (as
+        diffusers' examples do), in ``output_dir/validation/step-<step>``; its images are saved there as
+        ``image-<i>.png``, its numbers in ``metrics.json``, and both logged. torch's random state, the weights and
+        the train / eval mode are as before afterwards."""
+        if self.accelerator.is_main_process:
+            folder = Path(self.config.output_dir) / VALIDATION_FOLDER / f"step-{self.step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            model = self.accelerator.unwrap_model(self.model)
+            was_training = model.training
+            model.eval()
+            if self.ema is not None:
+                self.ema.store(self.trainable)
+                self.ema.copy_to(self.trainable)
+            device = self.accelerator.device
+            try:
+                # Validation's random draws must not change training's: with torch's random state put back, a run
+                # is the same with or without validation.
+                with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
+                    outcome = self.method.validate(model, self.step, folder)
+            finally:
+                if self.ema is not None:
+                    self.ema.restore(self.trainable)
+                model.train(was_training)
+            self._record_validation(outcome, folder)
+        self.accelerator.wait_for_everyone()
+
+    def _record_validation(self, outcome: Any, folder: Path) -> None:
+        from PIL import Image
+
+        if isinstance(outcome, Mapping):
+            metrics = {f"validation/{k}": float(v) for k, v in outcome.items()}
+            (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+            if self.config.log_with is not None:
+                self.accelerator.log(metrics, step=self.step)
+        elif isinstance(outcome, list | tuple) and all(isinstance(image, Image.Image) for image in outcome):
+            for index, image in enumerate(outcome):
+                image.save(folder / f"image-{index}.png")
+            for tracker in self.accelerator.trackers:
+                if tracker.name == "tensorboard":  # one image per tag: images of different sizes cannot be stacked
+                    for index, image in enumerate(outcome):
+                        tracker.log_images({f"validation/{index}": np.asarray(image.convert("RGB"))[None]},
+                                           step=self.step, dataformats="NHWC")
+                elif hasattr(tracker, "log_images"):
+                    tracker.log_images({"validation": list(outcome)}, step=self.step)
+        else:
+            raise ValueError(f"{self.method.name}.validate must return a dict of numbers or a list of PIL images, got "
+                             f"{type(outcome).__name__}")

@@ -1,0 +1,97 @@
+"""Save a LoRA adapter trained on a diffusers model the way diffusers' own training scripts do, so that stock
+diffusers loads it with ``pipe.load_lora_weights(folder_or_repo)``: ``pytorch_lora_weights.safetensors`` in
+diffusers' key format, with the adapter's PEFT config as metadata (without it the loader assumes
+``lora_alpha == rank`` and a model trained with another alpha comes back scaled wrongly), and a model card.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from huggingface_hub import HfApi, ModelCard
+from peft.utils import get_peft_model_state_dict
+
+from ..hub import render_model_card
+from .trainer import TrainingConfig
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+CARD_TEMPLATE = "trainer"
+
+
+def _adapter_config(model: torch.nn.Module, adapter_name: str) -> Any:
+    configs = getattr(model, "peft_config", None) or {}
+    if adapter_name not in configs:
+        raise ValueError(f"{type(model).__name__} has no LoRA adapter named {adapter_name!r} (adapters: "
+                         f"{sorted(configs)}); train it with TrainingConfig(lora_rank=...)")
+    return configs[adapter_name]
+
+
+def lora_model_card(*, pipeline_class: type[DiffusionPipeline], method_name: str, config: TrainingConfig,
+                    base_model: str | None = None, repo_id: str | None = None) -> ModelCard:
+    """The card: what trained the adapter (method, base model, the whole ``TrainingConfig``) and how to load it."""
+    # Local paths mean nothing on the Hub.
+    shared_fields = {k: v for k, v in asdict(config).items() if k not in ("output_dir", "resume_from")}
+    training_config = yaml.safe_dump(shared_fields, sort_keys=False).strip()
+    description = (
+        f"A LoRA adapter (rank {config.lora_rank}, alpha {config.lora_alpha or config.lora_rank}) for the "
+        f"denoiser of a `{pipeline_class.__name__}`, trained with the `{method_name}` method of diffusers-ext's "
+        f"shared trainer for {config.max_steps} steps.\n\n"
+        f"Base model: {f'[{base_model}](https://huggingface.co/{base_model})' if base_model else 'not recorded'}.\n\n"
+        f"## Training configuration\n\n```yaml\n{training_config}\n```"
+    )
+    return render_model_card(CARD_TEMPLATE, class_name=pipeline_class.__name__, repo_id=repo_id,
+                             base_model=base_model, tags=["lora", method_name], title=repo_id or f"{method_name} LoRA",
+                             description=description)
+
+
+def save_lora_weights(model: torch.nn.Module, folder: str | os.PathLike, *,
+                      pipeline_class: type[DiffusionPipeline] = StableDiffusionPipeline, method_name: str,
+                      config: TrainingConfig, base_model: str | None = None, repo_id: str | None = None,
+                      card: bool = True, adapter_name: str = "default") -> Path:
+    """Write the adapter of ``model`` (a diffusers denoiser trained with ``lora_rank`` set) into ``folder``.
+
+    Args:
+        model: the denoiser (``TrainingResult.model``; load ``ema_weights`` into it first to save the EMA).
+        pipeline_class: the pipeline that loads it; its LoRA loader decides the key prefix (``unet.`` for
+            Stable Diffusion, ``transformer.`` for SD3 / Flux).
+        method_name, config: what trained it, for the card.
+        base_model: the Hub id of the base model, for the card's metadata and loading snippet.
+        repo_id: the Hub id it will have, for the card's loading snippet.
+        card: write ``README.md`` too.
+
+    Returns:
+        The folder; ``pipeline_class.from_pretrained(base_model).load_lora_weights(folder)`` loads it.
+    """
+    adapter = _adapter_config(model, adapter_name)
+    denoiser = pipeline_class._lora_loadable_modules[0]
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=adapter_name))
+    folder = Path(folder)
+    pipeline_class.save_lora_weights(folder, safe_serialization=True, weight_name=LORA_WEIGHTS_NAME,
+                                     **{f"{denoiser}_lora_layers": layers,
+                                        f"{denoiser}_lora_adapter_metadata": adapter.to_dict()})
+    if card:
+        lora_model_card(pipeline_class=pipeline_class, method_name=method_name, config=config,
+                        base_model=base_model, repo_id=repo_id).save(folder / "README.md")
+    return folder
+
+
+def push_lora_weights_to_hub(model: torch.nn.Module, repo_id: str, *, token: str | None = None,
+                             private: bool | None = None, commit_message: str = "Upload LoRA with diffusers-ext",
+                             **save_options: Any):
+    """``save_lora_weights`` into a temporary folder, then huggingface_hub's ``create_repo`` + ``upload_folder``.
+
+    Returns huggingface_hub's ``CommitInfo``.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        save_lora_weights(model, folder, repo_id=repo_id, **save_options)
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
