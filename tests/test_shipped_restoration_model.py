@@ -14,6 +14,7 @@ from huggingface_hub import ModelCard
 from diffusers_ext.cli import main
 from diffusers_ext.pipelines import ResShiftPipeline
 from diffusers_ext.pipelines.restoration.demo import shipped_model_path, super_resolve_held_out
+from diffusers_ext.training.recipes.tiny_resshift_sr import EVALUATION_TILES
 from diffusers_ext.training.restoration_data import psnr, scikit_image_photos
 
 
@@ -28,7 +29,7 @@ def pipe():
 def held_out_scores(pipe):
     scores = {}
     for steps in (4, 15):
-        images = super_resolve_held_out(pipe, num_inference_steps=steps)
+        images = super_resolve_held_out(pipe, tiles=EVALUATION_TILES, num_inference_steps=steps)
         scores["bicubic"] = float(psnr(images["bicubic"], images["reference"]).mean())
         scores[steps] = float(psnr(images["restored"], images["reference"]).mean())
     print(f"\nheld-out PSNR: bicubic {scores['bicubic']:.2f} dB, 4 steps {scores[4]:.2f} dB, "

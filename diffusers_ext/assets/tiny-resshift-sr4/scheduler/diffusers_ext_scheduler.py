@@ -1,0 +1,1 @@
+from diffusers_ext.schedulers import ResShiftScheduler  # noqa: F401
