@@ -182,6 +182,25 @@ COMPONENTS: tuple[Component, ...] = (
         "from image-pair folders or on-the-fly degradations (noise, blur, 4x downscale, JPEG, rain)",
     ),
     Component(
+        "LCMLoRADistillation",
+        "trainer",
+        "diffusers_ext.training",
+        "Latent consistency distillation of a guided DDIM teacher into a LoRA that LCMScheduler samples in few steps "
+        "(arXiv 2311.05556); the 4-step effect does not show on toy random-weight teachers (see the tests)",
+        "Latent Consistency Models: Synthesizing High-Resolution Images with Few-Step Inference",
+        "2310.04378",
+        "experimental",
+    ),
+    Component(
+        "SmoothLoRAObjective",
+        "trainer",
+        "diffusers_ext.training",
+        "Smooth Diffusion's step-wise variation regularisation for LoRA fine-tuning, with the ISTD smoothness metric",
+        "Smooth Diffusion: Crafting Smooth Latent Spaces in Diffusion Models",
+        "2312.04410",
+        "experimental",
+    ),
+    Component(
         "FKSteering",
         "guidance",
         "diffusers_ext.guidance",

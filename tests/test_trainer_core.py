@@ -328,7 +328,7 @@ def test_train_command_runs_registered_methods_end_to_end(tmp_path, monkeypatch,
     with pytest.raises(SystemExit) as exit_info:
         train_main(["no-such-method"])
     assert exit_info.value.code == 2
-    assert "registered methods: masked-diffusion-lm, restoration, toy-epsilon" in capsys.readouterr().err
+    assert "registered methods: lcm-lora, masked-diffusion-lm, restoration, smooth-lora, toy-epsilon" in capsys.readouterr().err
 
 
 def test_other_diffusers_models_save_their_adapter_in_their_own_lora_format(tmp_path):

@@ -70,9 +70,23 @@ def restoration(config: TrainingConfig, args: argparse.Namespace):
     return method, unet.train(), dataset
 
 
+def lcm_lora(config: TrainingConfig, args: argparse.Namespace):
+    from .lcm_lora import toy_run
+
+    return toy_run(config, args)
+
+
+def smooth_lora(config: TrainingConfig, args: argparse.Namespace):
+    from .smooth_lora import toy_run
+
+    return toy_run(config, args)
+
+
 TRAINING_METHODS: dict[str, MethodFactory] = {
+    "lcm-lora": lcm_lora,
     "masked-diffusion-lm": masked_diffusion_lm,
     "restoration": restoration,
+    "smooth-lora": smooth_lora,
 }
 
 

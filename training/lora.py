@@ -15,7 +15,6 @@ from typing import Any
 import torch
 import yaml
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers
 from huggingface_hub import HfApi, ModelCard
 from peft.utils import get_peft_model_state_dict
 
@@ -72,7 +71,9 @@ def save_lora_weights(model: torch.nn.Module, folder: str | os.PathLike, *,
     """
     adapter = _adapter_config(model, adapter_name)
     denoiser = pipeline_class._lora_loadable_modules[0]
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=adapter_name))
+    # PEFT's own key names: diffusers' loader reads them for every layer type, while its old-format conversion
+    # renames only attention layers and the loader then drops those from a mixed file.
+    layers = get_peft_model_state_dict(model, adapter_name=adapter_name)
     folder = Path(folder)
     pipeline_class.save_lora_weights(folder, safe_serialization=True, weight_name=LORA_WEIGHTS_NAME,
                                      **{f"{denoiser}_lora_layers": layers,

@@ -346,14 +346,19 @@ class Trainer:
 
     # accelerate saves and restores these with every checkpoint
     def state_dict(self) -> dict:
-        return {"step": self.step, "method": self.method.name, "generator": self.generator.get_state(),
-                "config": asdict(self.config)}
+        state = {"step": self.step, "method": self.method.name, "generator": self.generator.get_state(),
+                 "config": asdict(self.config)}
+        if callable(getattr(self.method, "state_dict", None)):  # a method with running statistics (Smooth-LoRA)
+            state["method_state"] = self.method.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if state["method"] != self.method.name:
             raise ValueError(f"the checkpoint was written by method {state['method']!r}, not {self.method.name!r}")
         self.step = state["step"]
         self.generator.set_state(state["generator"])
+        if "method_state" in state:
+            self.method.load_state_dict(state["method_state"])
 
     def _resume(self) -> None:
         target = self.config.resume_from
