@@ -35,6 +35,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
 from ..diffusion_math import prediction_from_x0_and_eps, x0_and_eps_from_prediction
+from .step_counter import StepCounterMixin
 
 RESTORATION_PREDICTION_TYPES = ("sample", "epsilon", "residual", "residual_and_noise", "v_prediction")
 
@@ -53,7 +54,7 @@ def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
-class RestorationScheduler(SchedulerMixin, ConfigMixin):
+class RestorationScheduler(StepCounterMixin, SchedulerMixin, ConfigMixin):
     """Base class of the restoration schedulers (see the module docstring). Subclasses register their config, which
     must include ``num_train_timesteps`` and ``prediction_type``, and list the prediction types their paper allows in
     ``prediction_types``."""
@@ -132,25 +133,6 @@ class RestorationScheduler(SchedulerMixin, ConfigMixin):
             return _safe_divide(shifted - s * model_output, a), model_output
         return x0_and_eps_from_prediction(model_output, shifted, a, s, prediction_type)
 
-    # The step counter (img2img-style partial runs set ``begin_index``) ---------------------------------------------
-    _step_index: int | None = None
-    _begin_index: int | None = None
-
-    @property
-    def step_index(self) -> int | None:
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        self._begin_index = begin_index
-
-    def _reset_step_index(self) -> None:
-        self._step_index = None
-        self._begin_index = None
-
     def begin_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, degraded: torch.Tensor) -> int:
         """The checks every ``step`` starts with (a grid is set, the shapes agree, ``timestep`` is this step's);
         returns the step's index in ``self.timesteps`` and moves the counter on."""
@@ -163,13 +145,9 @@ class RestorationScheduler(SchedulerMixin, ConfigMixin):
         if tuple(model_output.shape) != expected:
             raise ValueError(f"model_output must have shape {expected} for samples of shape {tuple(sample.shape)} "
                              f"(prediction_type {self.config.prediction_type!r}), got {tuple(model_output.shape)}")
+        if self._step_index is None:
+            self._init_step_index(timestep)
         index = self._step_index
-        if index is None:
-            if self._begin_index is not None:
-                index = self._begin_index
-            else:
-                matches = (self.timesteps == torch.as_tensor(timestep, device=self.timesteps.device)).nonzero()
-                index = int(matches[0]) if len(matches) else 0
         if index >= len(self.timesteps):
             raise ValueError(f"step called {index + 1} times after set_timesteps({len(self.timesteps)} steps)")
         current = self.timesteps[index]

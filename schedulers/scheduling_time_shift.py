@@ -120,8 +120,7 @@ class TimeShiftScheduler(VPDiscreteScheduler):
         self.timesteps = scheduled.clone().to(device)
         self.num_inference_steps = len(scheduled)
         self.sigmas = torch.tensor(self.noise_levels, dtype=torch.float64)
-        self._step_index = None
-        self._begin_index = None
+        self._reset_step_index()
         self._x0_previous, self._rho_previous = None, None
         self._warned = False
 

@@ -25,6 +25,7 @@ from ..diffusion_math import (
     vp_timesteps_from_noise_ratio,
     x0_and_eps_from_prediction,
 )
+from .step_counter import StepCounterMixin
 
 # diffusers' zero-terminal-SNR schedulers clip the last alphas_cumprod to this, so that rho stays finite.
 ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
@@ -87,7 +88,7 @@ def check_num_inference_steps(num_inference_steps, num_train_timesteps: int) -> 
     return int(num_inference_steps)
 
 
-class VPDiscreteScheduler(SchedulerMixin, ConfigMixin):
+class VPDiscreteScheduler(StepCounterMixin, SchedulerMixin, ConfigMixin):
     """Base class; a subclass registers its config (with the VP schedule keys, ``prediction_type``,
     ``timestep_spacing``, ``steps_offset``, ``final_sigmas_type`` and ``sigma_schedule``), calls ``_init_vp_schedule()`` in ``__init__``
     and implements ``step``. ``_on_set_timesteps()`` runs after every ``set_timesteps``."""
@@ -109,21 +110,7 @@ class VPDiscreteScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = None
         self.timesteps = torch.arange(self.config.num_train_timesteps - 1, -1, -1)
         self.sigmas = vp_noise_ratio(self.alphas_cumprod).flip(0)
-        self._step_index = None
-        self._begin_index = None
-
-    @property
-    def step_index(self) -> int | None:
-        """The index of the next ``step`` in ``self.timesteps``."""
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        """Where sampling starts in ``self.timesteps`` (img2img and inpainting skip the first steps)."""
-        self._begin_index = begin_index
+        self._reset_step_index()
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample
@@ -178,8 +165,7 @@ class VPDiscreteScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = model_timesteps.numel()
         self.timesteps = model_timesteps.to(device)
         self.sigmas = torch.cat([noise_levels, final]).to(device)
-        self._step_index = None
-        self._begin_index = None
+        self._reset_step_index()
         self._on_set_timesteps()
 
     def _on_set_timesteps(self) -> None:
@@ -188,13 +174,6 @@ class VPDiscreteScheduler(SchedulerMixin, ConfigMixin):
     def _noise_ratio_at(self, timesteps: torch.Tensor) -> torch.Tensor:
         alpha, sigma = vp_alpha_sigma(timesteps, self.alphas_cumprod)
         return sigma / alpha
-
-    def _init_step_index(self, timestep) -> None:
-        if self._begin_index is not None:
-            self._step_index = self._begin_index
-            return
-        matches = (self.timesteps == torch.as_tensor(timestep, device=self.timesteps.device)).nonzero()
-        self._step_index = int(matches[0]) if len(matches) else 0
 
     def _x0_from_model_output(self, model_output: torch.Tensor, sample: torch.Tensor, noise_ratio: float) -> torch.Tensor:
         alpha = (1 + noise_ratio**2) ** -0.5
