@@ -70,7 +70,7 @@ class RestorationScheduler(StepCounterMixin, SchedulerMixin, ConfigMixin):
     # What a subclass defines ------------------------------------------------------------------------------------
     def path_coefficients(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(a_t, b_t, s_t)`` in float64 at ``timesteps`` (model-facing values, scalar or 1-D)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define its process's path_coefficients")
 
     def sample_training_timesteps(self, batch_size: int, generator: torch.Generator | None = None,
                                   device: torch.device | str = "cpu") -> torch.Tensor:
@@ -80,7 +80,7 @@ class RestorationScheduler(StepCounterMixin, SchedulerMixin, ConfigMixin):
 
     def initial_sample(self, degraded: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The state sampling starts from, given the degraded image ``y`` (B, C, H, W)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define the initial_sample its sampler starts from")
 
     # Shared machinery -------------------------------------------------------------------------------------------
     @property

@@ -89,3 +89,32 @@ def test_the_objective_needs_a_restoration_scheduler():
 
     with pytest.raises(ValueError, match="restoration scheduler"):
         PairedRestorationObjective(DDPMScheduler())
+
+
+def test_with_an_autoencoder_the_loss_is_taken_on_latents():
+    from diffusers import AutoencoderKL
+
+    from diffusers_ext.pipelines.restoration.pipeline_restoration import encode_to_latents
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 8), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, sample_size=16, scaling_factor=0.5).eval()
+    unet = UNet2DModel(sample_size=8, in_channels=8, out_channels=4, block_out_channels=(8, 8), layers_per_block=1,
+                       norm_num_groups=4, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    scheduler = ResShiftScheduler(num_train_timesteps=4)
+    clean = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    degraded = (clean + 0.2 * torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))).clamp(-1, 1)
+    loss = PairedRestorationObjective(scheduler, vae=vae).loss(unet, {"clean": clean, "degraded": degraded},
+                                                                torch.Generator().manual_seed(3))
+
+    # The same draws, by hand, on the VAE's scaled latents.
+    with torch.no_grad():
+        x0, y = encode_to_latents(vae, clean), encode_to_latents(vae, degraded)
+    generator = torch.Generator().manual_seed(3)
+    timesteps = scheduler.sample_training_timesteps(2, generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    prediction = unet(torch.cat([scheduler.add_noise(x0, y, noise, timesteps), y], dim=1), timesteps).sample
+    expected = torch.nn.functional.mse_loss(prediction, scheduler.training_target(x0, y, noise, timesteps))
+    assert x0.shape == (2, 4, 8, 8)
+    torch.testing.assert_close(loss, expected)
