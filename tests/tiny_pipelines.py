@@ -1,5 +1,6 @@
-"""Stock diffusers pipelines built from tiny random components, with precomputed prompt embeddings (no tokenizer or
-text encoder is needed, and none can be downloaded here)."""
+"""Stock diffusers pipelines built from tiny random components: with precomputed prompt embeddings, or (``text_encoder=
+True``) with a CLIP tokenizer and text encoder built from configs (``diffusers_ext.testing.tiny_text``), since none can
+be downloaded here."""
 
 import torch
 from diffusers import (
@@ -13,10 +14,14 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
-TEXT_DIM = 32
+from diffusers_ext.testing import tiny_clip_text_encoder, tiny_clip_tokenizer
+from diffusers_ext.testing.tiny_text import TINY_TEXT_WIDTH
+
+TEXT_DIM = TINY_TEXT_WIDTH
 
 
-def tiny_stable_diffusion(scheduler) -> StableDiffusionPipeline:
+def tiny_stable_diffusion(scheduler, text_encoder: bool = False) -> StableDiffusionPipeline:
+    """8 x 8 images from 4 x 8 x 8 latents; ``text_encoder=True`` gives it the tiny CLIP, so that it takes prompts."""
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
@@ -28,7 +33,8 @@ def tiny_stable_diffusion(scheduler) -> StableDiffusionPipeline:
         up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4, sample_size=8,
     )
     pipe = StableDiffusionPipeline(
-        vae=vae.eval(), text_encoder=None, tokenizer=None, unet=unet.eval(), scheduler=scheduler,
+        vae=vae.eval(), text_encoder=tiny_clip_text_encoder() if text_encoder else None,
+        tokenizer=tiny_clip_tokenizer() if text_encoder else None, unet=unet.eval(), scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)

@@ -14,6 +14,7 @@ from .oracle import GaussianMixtureDenoiser, GaussianMixtureDenoiserOutput
 from .pipeline_gaussian_mixture import GaussianMixtureSamplingPipeline, GaussianMixtureSamplingPipelineOutput
 from .reference import probability_flow_ode_solution
 from .restoration import ExactRestorationDenoiser, PairedGaussianLaw
+from .tiny_text import tiny_clip_text_encoder, tiny_clip_tokenizer
 
 __all__ = [
     "ExactRestorationDenoiser",
@@ -31,4 +32,6 @@ __all__ = [
     "random_directions",
     "sliced_wasserstein2",
     "sliced_wasserstein2_noise_floor",
+    "tiny_clip_text_encoder",
+    "tiny_clip_tokenizer",
 ]
