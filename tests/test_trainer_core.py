@@ -375,20 +375,22 @@ class CrashingEpsilonMSE(EpsilonMSE):
 
 
 def test_a_crashed_run_resumes_to_the_uninterrupted_lora_and_ema_weights(tmp_path):
-    data = latent_data(6)  # 3 micro-batches per epoch: resumed steps straddle epoch boundaries
+    # 3 micro-batches per epoch, and the loader's end closes an accumulation early: steps take micro-batches
+    # (1, 2), (3), (4, 5), (6), (7, 8), so checkpoint 3 lies mid-epoch and the resumed steps straddle an epoch's end.
+    data = latent_data(6)
 
     def trainer(output_dir, method, resume_from=None):
         config = TrainingConfig(output_dir=str(output_dir), max_steps=5, batch_size=2, gradient_accumulation_steps=2,
-                                learning_rate=1e-2, lora_rank=2, lora_alpha=4, ema_decay=0.5, checkpoint_every=2,
+                                learning_rate=1e-2, lora_rank=2, lora_alpha=4, ema_decay=0.5, checkpoint_every=3,
                                 resume_from=resume_from)
         return Trainer(method, tiny_unet(), data, config)
 
     uninterrupted = trainer(tmp_path / "a", EpsilonMSE()).train()
     with pytest.raises(Crash):
-        trainer(tmp_path / "b", CrashingEpsilonMSE(crash_at_call=7)).train()  # killed during step 4
-    assert latest_checkpoint(tmp_path / "b").name == "checkpoint-2"
+        trainer(tmp_path / "b", CrashingEpsilonMSE(crash_at_call=7)).train()  # killed during step 5
+    assert latest_checkpoint(tmp_path / "b").name == "checkpoint-3"
     resumed = trainer(tmp_path / "b", EpsilonMSE(), resume_from="latest").train()
-    assert resumed.step == 5 and resumed.losses == pytest.approx(uninterrupted.losses[2:], rel=1e-6)
+    assert resumed.step == 5 and resumed.losses == pytest.approx(uninterrupted.losses[3:], rel=1e-6)
     for (name, expected), actual in zip(trainable_state(uninterrupted.model).items(),
                                         trainable_state(resumed.model).values(), strict=True):
         torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7, msg=name)

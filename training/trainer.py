@@ -13,7 +13,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,7 +23,13 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
-from accelerate.utils import DataLoaderConfiguration, LoggerType, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    GradientAccumulationPlugin,
+    LoggerType,
+    ProjectConfiguration,
+    set_seed,
+)
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -224,8 +230,14 @@ def _check_tracker(name: str) -> None:
 
 class TrainingMethod(Protocol):
     """A method: a name (stored in checkpoints, so a run cannot resume another method's) and a loss. It may also have
-    ``validate(model, step, folder) -> dict[str, float] | list[PIL.Image.Image]``, called every
-    ``TrainingConfig.validation_every`` steps: numbers are logged, images saved into ``folder`` and logged."""
+
+    - ``validate(model, step, folder) -> dict[str, float] | list[PIL.Image.Image]``, called every
+      ``TrainingConfig.validation_every`` steps: numbers are logged, images saved into ``folder`` and logged;
+    - ``collect(model, batch, generator) -> list[batch]``, a sampling phase (reinforcement learning): each batch of
+      the data set (prompts, say) is handed to it, with the model unwrapped, in eval mode and without gradients, and
+      the training batches it returns (transitions of sampled trajectories, say) are what the next micro-steps'
+      losses take; a checkpoint keeps the ones not yet taken;
+    - ``state_dict()`` / ``load_state_dict(state)`` for running state that checkpoints must keep."""
 
     name: str
 
@@ -306,7 +318,12 @@ class Trainer:
         self.method, self.config = method, config
         project = ProjectConfiguration(project_dir=config.output_dir,
                                        logging_dir=str(Path(config.output_dir) / "logs"))
-        self.accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
+        self.collects = callable(getattr(method, "collect", None))
+        # A sampling phase turns one loader batch into several micro-batches, so the loader's end must not force the
+        # accumulated gradient through early.
+        accumulation = GradientAccumulationPlugin(num_steps=config.gradient_accumulation_steps,
+                                                  sync_with_dataloader=not self.collects)
+        self.accelerator = Accelerator(gradient_accumulation_plugin=accumulation,
                                        mixed_precision=config.mixed_precision, log_with=config.log_with,
                                        project_config=project,
                                        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
@@ -336,6 +353,8 @@ class Trainer:
         self.trainable = [p for _, p in named_trainable]
         self.generator = torch.Generator().manual_seed(config.seed + 1)
         self.step = 0
+        self.batches_drawn = 0  # from the loader, over all epochs: where a resumed run continues the data
+        self.pending_batches: list[Any] = []  # the sampling phase's training batches not yet taken
         self.accelerator.register_for_checkpointing(self)
         self.ema = None
         if config.ema_decay is not None:
@@ -347,7 +366,8 @@ class Trainer:
     # accelerate saves and restores these with every checkpoint
     def state_dict(self) -> dict:
         state = {"step": self.step, "method": self.method.name, "generator": self.generator.get_state(),
-                 "config": asdict(self.config)}
+                 "config": asdict(self.config), "batches_drawn": self.batches_drawn,
+                 "pending_batches": self.pending_batches}
         if callable(getattr(self.method, "state_dict", None)):  # a method with running statistics (Smooth-LoRA)
             state["method_state"] = self.method.state_dict()
         return state
@@ -356,6 +376,7 @@ class Trainer:
         if state["method"] != self.method.name:
             raise ValueError(f"the checkpoint was written by method {state['method']!r}, not {self.method.name!r}")
         self.step = state["step"]
+        self.batches_drawn, self.pending_batches = state["batches_drawn"], state["pending_batches"]
         self.generator.set_state(state["generator"])
         if "method_state" in state:
             self.method.load_state_dict(state["method_state"])
@@ -401,44 +422,65 @@ class Trainer:
 
     def _run(self, losses: list[float]) -> None:
         config = self.config
-        micro_steps_per_epoch = len(self.loader)
         progress = tqdm(total=config.max_steps, initial=self.step, desc=f"training {self.method.name}",
                         disable=not self.accelerator.is_local_main_process)
+        batches = self._micro_batches()
         while self.step < config.max_steps:
-            # Data order is a function of the epoch, so a resumed run skips exactly the batches it already saw.
-            micro_step = self.step * config.gradient_accumulation_steps
-            epoch, done = divmod(micro_step, micro_steps_per_epoch)
+            batch = next(batches)
+            with self.accelerator.accumulate(self.model):
+                loss = self.method.loss(self.model, batch, self.generator)
+                if not torch.isfinite(loss):
+                    raise ValueError(f"the {self.method.name} loss is not finite at step {self.step}: {loss.item()}")
+                self.accelerator.backward(loss)
+                if config.max_grad_norm is not None and self.accelerator.sync_gradients:
+                    self.accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+            if not self.accelerator.sync_gradients:
+                continue
+            if self.ema is not None:
+                self.ema.step(self.trainable)
+            self.step += 1
+            losses.append(float(loss.detach()))
+            progress.update()
+            progress.set_postfix(loss=f"{losses[-1]:.4f}")
+            if config.log_with is not None:
+                self.accelerator.log({"loss": losses[-1]}, step=self.step)
+            # Validation comes before the checkpoint so that the checkpoint's RNG state is the one that follows.
+            if config.validation_every and self.step % config.validation_every == 0:
+                self.validate()
+            if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                self.save_checkpoint()
+        batches.close()
+        progress.close()
+
+    def _micro_batches(self) -> Iterator[Any]:
+        """The training batches, endlessly: the loader's (or, for a method with a sampling phase, what ``collect``
+        makes of each), continuing after the last one a checkpoint records."""
+        while True:
+            while self.pending_batches:
+                yield self.pending_batches.pop(0)
+            # Data order is a function of the epoch, so a resumed run skips exactly the batches it already drew.
+            epoch, done = divmod(self.batches_drawn, len(self.loader))
             self.loader.set_epoch(epoch)
             loader = self.accelerator.skip_first_batches(self.loader, done) if done else self.loader
             for batch in loader:
-                with self.accelerator.accumulate(self.model):
-                    loss = self.method.loss(self.model, batch, self.generator)
-                    if not torch.isfinite(loss):
-                        raise ValueError(f"the {self.method.name} loss is not finite at step {self.step}: "
-                                         f"{loss.item()}")
-                    self.accelerator.backward(loss)
-                    if config.max_grad_norm is not None and self.accelerator.sync_gradients:
-                        self.accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad()
-                if not self.accelerator.sync_gradients:
-                    continue
-                if self.ema is not None:
-                    self.ema.step(self.trainable)
-                self.step += 1
-                losses.append(float(loss.detach()))
-                progress.update()
-                progress.set_postfix(loss=f"{losses[-1]:.4f}")
-                if config.log_with is not None:
-                    self.accelerator.log({"loss": losses[-1]}, step=self.step)
-                # Validation comes before the checkpoint so that the checkpoint's RNG state is the one that follows.
-                if config.validation_every and self.step % config.validation_every == 0:
-                    self.validate()
-                if config.checkpoint_every and self.step % config.checkpoint_every == 0:
-                    self.save_checkpoint()
-                if self.step >= config.max_steps:
-                    break
-        progress.close()
+                self.batches_drawn += 1
+                self.pending_batches = self._collect(batch) if self.collects else [batch]
+                while self.pending_batches:
+                    yield self.pending_batches.pop(0)
+
+    def _collect(self, batch: Any) -> list[Any]:
+        model = self.accelerator.unwrap_model(self.model)
+        model.eval()
+        try:
+            with torch.no_grad():
+                collected = list(self.method.collect(model, batch, self.generator))
+        finally:
+            model.train()
+        if not collected:
+            raise ValueError(f"the {self.method.name} sampling phase (collect) returned no training batches")
+        return collected
 
     def validate(self) -> None:
         """``method.validate`` on the main process, in eval mode, on the EMA weights when there is an EMA (as
