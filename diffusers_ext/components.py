@@ -201,6 +201,16 @@ COMPONENTS: tuple[Component, ...] = (
         "experimental",
     ),
     Component(
+        "SPMObjective",
+        "trainer",
+        "diffusers_ext.training",
+        "SPM concept erasing: rank-1 membranes with latent anchoring, facilitated transport at inference "
+        "(load_spm / SPMTransport), combinable and transferable to same-architecture UNets",
+        "One-dimensional Adapter to Rule Them All: Concepts, Diffusion Models and Erasing Applications",
+        "2312.16145",
+        "experimental",
+    ),
+    Component(
         "FKSteering",
         "guidance",
         "diffusers_ext.guidance",

@@ -161,9 +161,24 @@ def ddim_step(
     """
     if eta == 0:
         return alpha_next * x0 + sigma_next * eps
+    mean, std = ddim_step_distribution(x0, eps, alpha, sigma, alpha_next, sigma_next, eta)
+    return _draw(mean, std, noise)
+
+
+def ddim_step_distribution(
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    alpha: torch.Tensor,
+    sigma: torch.Tensor,
+    alpha_next: torch.Tensor,
+    sigma_next: torch.Tensor,
+    eta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gaussian law ``N(mean, std^2 I)`` that ``ddim_step`` draws ``x_next`` from: ``mean = alpha_next x0 +
+    sqrt(sigma_next^2 - c^2) eps`` and ``std = c``. It makes a stochastic sampler a policy with a log-density."""
     ratio = torch.where(sigma > 0, (sigma_next * alpha) / (alpha_next * sigma), torch.zeros_like(sigma))
-    stochastic = eta * sigma_next * (1 - ratio**2).clamp(min=0).sqrt()
-    return noise_preserving_step(alpha_next * x0, eps, sigma_next, stochastic, noise)
+    fresh_noise_std = eta * sigma_next * (1 - ratio**2).clamp(min=0).sqrt()
+    return noise_preserving_distribution(alpha_next * x0, eps, sigma_next, fresh_noise_std)
 
 
 def noise_preserving_step(
@@ -181,15 +196,26 @@ def noise_preserving_step(
     the predicted noise, reused for all but the fresh share ``c`` (``c = 0``: deterministic, DDIM-like; ``c`` at the
     Markov posterior's standard deviation: ancestral sampling). ``c`` is clipped to ``noise_std``.
     """
+    return _draw(*noise_preserving_distribution(mean, eps, noise_std, fresh_noise_std), noise)
+
+
+def noise_preserving_distribution(
+    mean: torch.Tensor, eps: torch.Tensor, noise_std: torch.Tensor | float, fresh_noise_std: torch.Tensor | float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``noise_preserving_step``'s law: ``N(mean + sqrt(noise_std^2 - c^2) eps, c^2 I)``, ``c`` clipped to
+    ``noise_std``."""
     fresh_noise_std = torch.as_tensor(fresh_noise_std, dtype=mean.dtype, device=mean.device)
     noise_std = torch.as_tensor(noise_std, dtype=mean.dtype, device=mean.device)
     fresh_noise_std = torch.minimum(fresh_noise_std, noise_std)
-    kept = (noise_std**2 - fresh_noise_std**2).clamp(min=0).sqrt() * eps
-    if not bool((fresh_noise_std > 0).any()):
-        return mean + kept
+    return mean + (noise_std**2 - fresh_noise_std**2).clamp(min=0).sqrt() * eps, fresh_noise_std
+
+
+def _draw(mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    if not bool((std > 0).any()):
+        return mean
     if noise is None:
         raise ValueError("a step with fresh noise (fresh_noise_std > 0) needs noise")
-    return mean + kept + fresh_noise_std * noise
+    return mean + std * noise
 
 
 def x0_and_eps_from_prediction(

@@ -82,11 +82,18 @@ def smooth_lora(config: TrainingConfig, args: argparse.Namespace):
     return toy_run(config, args)
 
 
+def spm(config: TrainingConfig, args: argparse.Namespace):
+    from .spm import toy_run
+
+    return toy_run(config, args)
+
+
 TRAINING_METHODS: dict[str, MethodFactory] = {
     "lcm-lora": lcm_lora,
     "masked-diffusion-lm": masked_diffusion_lm,
     "restoration": restoration,
     "smooth-lora": smooth_lora,
+    "spm": spm,
 }
 
 
