@@ -201,6 +201,16 @@ COMPONENTS: tuple[Component, ...] = (
         "experimental",
     ),
     Component(
+        "DomainStudioObjective",
+        "trainer",
+        "diffusers_ext.training",
+        "DomainStudio few-shot fine-tuning: relative-distance preservation against the frozen source model and "
+        "Haar high-frequency losses, on top of DreamBooth prior preservation",
+        "DomainStudio: Fine-Tuning Diffusion Models for Domain-Driven Image Generation using Limited Data",
+        "2306.14153",
+        "experimental",
+    ),
+    Component(
         "SPMObjective",
         "trainer",
         "diffusers_ext.training",

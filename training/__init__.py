@@ -1,5 +1,6 @@
 """Trainers on accelerate + PEFT: one trainer core, each method a loss plugged into it."""
 
+from .domainstudio import DomainStudioObjective, DomainStudioValidation, pairwise_diversity
 from .lcm_lora import LCMLoRADistillation, lcm_lora_pipeline, lcm_lora_sample
 from .masked_diffusion_lm import MaskedDiffusionLMObjective
 from .paired_restoration import PairedRestorationObjective
@@ -9,6 +10,8 @@ from .text_data import pydoc_paragraphs, token_chunks, train_and_held_out, train
 from .trainer import Trainer, TrainingConfig, TrainingMethod, TrainingResult, latest_checkpoint
 
 __all__ = [
+    "DomainStudioObjective",
+    "DomainStudioValidation",
     "ISTDValidation",
     "LCMLoRADistillation",
     "MaskedDiffusionLMObjective",
@@ -27,6 +30,7 @@ __all__ = [
     "lcm_lora_pipeline",
     "lcm_lora_sample",
     "load_spm",
+    "pairwise_diversity",
     "pydoc_paragraphs",
     "save_spm",
     "token_chunks",

@@ -82,6 +82,12 @@ def smooth_lora(config: TrainingConfig, args: argparse.Namespace):
     return toy_run(config, args)
 
 
+def domainstudio(config: TrainingConfig, args: argparse.Namespace):
+    from .domainstudio import toy_run
+
+    return toy_run(config, args)
+
+
 def spm(config: TrainingConfig, args: argparse.Namespace):
     from .spm import toy_run
 
@@ -89,6 +95,7 @@ def spm(config: TrainingConfig, args: argparse.Namespace):
 
 
 TRAINING_METHODS: dict[str, MethodFactory] = {
+    "domainstudio": domainstudio,
     "lcm-lora": lcm_lora,
     "masked-diffusion-lm": masked_diffusion_lm,
     "restoration": restoration,

@@ -1,0 +1,359 @@
+"""DomainStudio: few-shot fine-tuning of a text-to-image UNet that keeps the relative distances between adapted
+samples and learns high-frequency details, so that the adapted model does not collapse onto the few training images.
+
+Paper: "DomainStudio: Fine-Tuning Diffusion Models for Domain-Driven Image Generation using Limited Data", Jingyuan
+Zhu, Huimin Ma, Jiansheng Chen, Jian Yuan (arXiv 2306.14153); official code github.com/bbzhu-jy16/DomainStudio
+(``Text-to-Image/train_domainstudio.py``, a DreamBooth script with the extra terms), whose defaults this follows.
+
+One step on a batch of few-shot latents ``x0`` (B, C, H, W) with the target prompt ``c_tar`` ("a [V] dog") and, for
+prior preservation, source-domain latents ``x0_pr`` with the source prompt ``c_sou`` ("a dog"):
+
+    t ~ U{0, ..., T - 1} per sample,  eps ~ N(0, I),  x_t = alpha_t x0 + sigma_t eps
+    L_simple = mean || f_ada(x_t, t, c_tar) - target(x0, eps, t) ||^2            (target = eps for epsilon models)
+    L_pr     = the same on (x0_pr, c_sou)                                          (DreamBooth's prior preservation)
+
+    s ~ U{0, ..., T - 1} shared by the batch,  z_s = alpha_s x0 + sigma_s eps'    (one noisy batch for both models)
+    y_ada    = x0_hat(f_ada(z_s, s, c_tar)),   y_sou = x0_hat(f_sou(z_s, s, c_sou))  (one-step denoised predictions;
+                                                                                  f_sou is the frozen source model)
+    p_i(y)   = softmax_j ( cos(y_i, y_j) ),  j != i                                (each sample's similarity law)
+    KLrel(a, b) = mean_{i, j != i} p_ij(b) (log p_ij(b) - log p_ij(a))            (KL(p(b) || p(a)), averaged over
+                                                                                  the B (B - 1) entries)
+    L_rd     = KLrel(y_ada, y_sou)                                                 (relative distances)
+    hf(y)    = LH(y) + HL(y) + HH(y)                                               (one-level orthonormal Haar)
+    L_hf     = KLrel(hf(y_ada), hf(y_sou))                                         (relative distances of details)
+    L_hfmse  = mean || hf(y_ada) - hf(x0) ||^2                                     (details of the training data)
+
+    L = L_simple + lambda_pr L_pr + lambda_rd L_rd + lambda_hf L_hf + lambda_hfmse L_hfmse
+
+The official defaults: ``lambda_pr = 1``, ``lambda_rd = 100``, ``lambda_hf = 100``, ``lambda_hfmse = 0.1``. With
+``lambda_rd = lambda_hf = lambda_hfmse = 0`` the objective is plain (DreamBooth) fine-tuning. The official script
+decodes ``y`` and ``x0`` through the VAE and applies the three terms to images; pass ``vae=`` for that, or leave it
+``None`` to apply them to the latents themselves (cheaper; the Haar transform needs an even latent size either way).
+
+Where this differs from the official script: ``y_sou`` comes from the frozen source model under ``c_sou`` on the
+same noisy batch as ``y_ada``, as the paper's relative-distance loss compares source and adapted samples (the script
+compares the adapted model's own predictions of the prior images instead, and loads a source UNet it never calls); ``L_hfmse`` compares each
+prediction with its own training latent (the script draws a second, unrelated batch); and ``vae=`` divides by the
+VAE's ``scaling_factor`` before decoding (the script decodes the scaled latents). The paper evaluates diversity with
+intra-cluster LPIPS, whose network weights cannot be fetched offline; ``pairwise_diversity`` is the mean pairwise
+root-mean-square distance instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from ..diffusion_math import (
+    alpha_sigma_function,
+    default_prediction_type,
+    noise_path_from_scheduler_config,
+    prediction_from_x0_and_eps,
+    x0_and_eps_from_prediction,
+)
+
+# The official script's weights (--prior_loss_weight, --image_loss_weight, --hf_loss_weight, --hfmse_loss_weight).
+DEFAULT_WEIGHTS = {"prior_weight": 1.0, "relative_distance_weight": 100.0, "hf_relative_distance_weight": 100.0,
+                   "hf_mse_weight": 0.1}
+# Stable Diffusion's noise schedule (DDPMScheduler / DDIMScheduler arguments).
+STABLE_DIFFUSION_SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+TOY_LATENT_SHAPE, TOY_TEXT_SHAPE = (4, 8, 8), (4, 32)
+# The pipeline arguments sample_images sets itself.
+RESERVED_PIPELINE_ARGUMENTS = ("prompt_embeds", "generator", "num_images_per_prompt", "output_type", "return_dict")
+
+
+def haar_decomposition(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One level of the orthonormal 2-D Haar transform of ``x`` (..., H, W), H and W even: ``(LL, LH, HL, HH)``,
+    each (..., H / 2, W / 2). On each 2 x 2 block ``[[a, b], [c, d]]``: ``LL = (a + b + c + d) / 2``,
+    ``LH = (-a + b - c + d) / 2``, ``HL = (-a - b + c + d) / 2``, ``HH = (a - b - c + d) / 2`` (the official
+    code's filters)."""
+    if x.dim() < 2 or x.shape[-1] % 2 or x.shape[-2] % 2:
+        raise ValueError(f"the Haar transform needs an even height and width, got shape {tuple(x.shape)}")
+    a, b = x[..., 0::2, 0::2], x[..., 0::2, 1::2]
+    c, d = x[..., 1::2, 0::2], x[..., 1::2, 1::2]
+    return (a + b + c + d) / 2, (-a + b - c + d) / 2, (-a - b + c + d) / 2, (a - b - c + d) / 2
+
+
+def high_frequency(x: torch.Tensor) -> torch.Tensor:
+    """``LH + HL + HH`` of ``haar_decomposition``: the paper's high-frequency component."""
+    _, lh, hl, hh = haar_decomposition(x)
+    return lh + hl + hh
+
+
+def similarity_log_distributions(samples: torch.Tensor) -> torch.Tensor:
+    """``log p_i``, (B, B - 1): row ``i`` is the log-softmax over ``j != i`` (in order) of the cosine similarity
+    between the flattened samples ``i`` and ``j``."""
+    if samples.shape[0] < 2:
+        raise ValueError(f"pairwise similarities need a batch of at least 2 samples, got {samples.shape[0]}")
+    flat = samples.flatten(1).float()
+    cosine = F.cosine_similarity(flat[:, None], flat[None, :], dim=-1)
+    size = flat.shape[0]
+    off_diagonal = cosine[~torch.eye(size, dtype=torch.bool, device=cosine.device)].view(size, size - 1)
+    return off_diagonal.log_softmax(dim=1)
+
+
+def relative_distance_loss(adapted: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``KL(p(source) || p(adapted))`` of ``similarity_log_distributions``, averaged over the B (B - 1) entries (torch's
+    ``KLDivLoss`` "mean" reduction, as the official code, so that its weights apply). ``source`` carries no
+    gradient of interest: the adapted samples move to match the source's relative distances."""
+    if adapted.shape != source.shape:
+        raise ValueError(f"adapted and source samples must have the same shape, got {tuple(adapted.shape)} and "
+                         f"{tuple(source.shape)}")
+    log_adapted, log_source = similarity_log_distributions(adapted), similarity_log_distributions(source)
+    return (log_source.exp() * (log_source - log_adapted)).mean()
+
+
+class DomainStudioObjective:
+    """The DomainStudio loss for the shared ``Trainer`` (see the module docstring) on batches
+    ``{"latents": x0, "prompt_embeds": c_tar, "class_latents": x0_pr, "class_prompt_embeds": c_sou}`` of
+    precomputed VAE latents (B, C, H, W) and text embeddings (B, L, E); ``class_latents`` is needed only with
+    ``prior_weight > 0``, ``class_prompt_embeds`` with it or with a relative-distance term.
+
+    Args:
+        scheduler: the model's training scheduler (a VP one, e.g. ``DDPMScheduler``).
+        prior_weight, relative_distance_weight, hf_relative_distance_weight, hf_mse_weight: ``lambda_pr``,
+            ``lambda_rd``, ``lambda_hf``, ``lambda_hfmse`` (>= 0; 0 turns a term off).
+        source_model: the frozen source UNet ``f_sou``. ``None`` (for a LoRA run) uses the trained model with its
+            adapters disabled; full fine-tuning must pass a frozen copy of the model before training.
+        vae: apply the relative-distance and high-frequency terms to ``vae.decode(y / scaling_factor)`` (the
+            official script's pixel space); ``None``: to the latents.
+        validation: what ``validate`` generates (``DomainStudioValidation``); ``None`` for a run without validation.
+
+    ``last_terms`` holds the last call's terms, for logging.
+    """
+
+    name = "domainstudio"
+
+    def __init__(self, scheduler: Any, *, prior_weight: float = DEFAULT_WEIGHTS["prior_weight"],
+                 relative_distance_weight: float = DEFAULT_WEIGHTS["relative_distance_weight"],
+                 hf_relative_distance_weight: float = DEFAULT_WEIGHTS["hf_relative_distance_weight"],
+                 hf_mse_weight: float = DEFAULT_WEIGHTS["hf_mse_weight"], source_model: torch.nn.Module | None = None,
+                 vae: torch.nn.Module | None = None, validation: DomainStudioValidation | None = None):
+        config = getattr(scheduler, "config", None)
+        if not isinstance(config, Mapping) or noise_path_from_scheduler_config(config) != "vp":
+            raise ValueError(f"DomainStudio needs a VP (DDPM-family) training scheduler, got {type(scheduler).__name__}")
+        weights = {"prior_weight": prior_weight, "relative_distance_weight": relative_distance_weight,
+                   "hf_relative_distance_weight": hf_relative_distance_weight, "hf_mse_weight": hf_mse_weight}
+        for weight_name, value in weights.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+                raise ValueError(f"{weight_name} must be a number >= 0 (0 turns the term off), got {value!r}")
+        self.prior_weight, self.relative_distance_weight = float(prior_weight), float(relative_distance_weight)
+        self.hf_relative_distance_weight, self.hf_mse_weight = float(hf_relative_distance_weight), float(hf_mse_weight)
+        self.num_train_timesteps = int(config["num_train_timesteps"])
+        self.alpha_sigma = alpha_sigma_function(config)
+        self.prediction_type = default_prediction_type(config)
+        self.source_model = source_model.eval().requires_grad_(False) if source_model is not None else None
+        self.vae = vae.eval().requires_grad_(False) if vae is not None else None
+        self.validation = validation
+        self.last_terms: dict[str, float] = {}
+
+    def _coefficients(self, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(s.to(device=like.device, dtype=torch.float32).view(-1, *[1] * (like.dim() - 1))
+                     for s in self.alpha_sigma(timesteps.cpu()))
+
+    def _denoising_loss(self, model, latents, prompt_embeds, generator) -> torch.Tensor:
+        timesteps = torch.randint(0, self.num_train_timesteps, (latents.shape[0],), generator=generator)
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device, torch.float32)
+        alpha, sigma = self._coefficients(timesteps, latents)
+        noisy = (alpha * latents.float() + sigma * noise).to(latents.dtype)
+        prediction = model(noisy, timesteps.to(latents.device), encoder_hidden_states=prompt_embeds).sample.float()
+        target = prediction_from_x0_and_eps(latents.float(), noise, alpha, sigma, self.prediction_type)
+        return F.mse_loss(prediction, target)
+
+    def _denoised(self, model, noisy, timesteps, prompt_embeds, alpha, sigma) -> torch.Tensor:
+        prediction = model(noisy, timesteps, encoder_hidden_states=prompt_embeds).sample.float()
+        x0, _ = x0_and_eps_from_prediction(prediction, noisy.float(), alpha, sigma, self.prediction_type)
+        return x0
+
+    def _source_denoised(self, model, noisy, timesteps, prompt_embeds, alpha, sigma) -> torch.Tensor:
+        with torch.no_grad():
+            if self.source_model is not None:
+                return self._denoised(self.source_model, noisy, timesteps, prompt_embeds, alpha, sigma)
+            unwrapped = getattr(model, "module", model)
+            if not getattr(unwrapped, "peft_config", None):
+                raise ValueError("the relative-distance terms need the frozen source model: train a LoRA adapter "
+                                 "(TrainingConfig.lora_rank; the source is the model with adapters disabled) or "
+                                 "pass source_model= a frozen copy of the model for full fine-tuning")
+            unwrapped.disable_adapters()
+            try:
+                return self._denoised(model, noisy, timesteps, prompt_embeds, alpha, sigma)
+            finally:
+                unwrapped.enable_adapters()
+
+    def _view(self, latents: torch.Tensor) -> torch.Tensor:
+        """What the relative-distance and high-frequency terms compare: the latents, or their VAE decoding."""
+        if self.vae is None:
+            return latents
+        return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample.float()
+
+    def loss(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor], generator: torch.Generator
+             ) -> torch.Tensor:
+        latents, prompt_embeds = batch["latents"], batch["prompt_embeds"]
+        pairwise = self.relative_distance_weight > 0 or self.hf_relative_distance_weight > 0
+        for key, needed in (("class_latents", self.prior_weight > 0),
+                            ("class_prompt_embeds", self.prior_weight > 0 or pairwise)):
+            if needed and key not in batch:
+                raise ValueError(f"the batch has no {key!r}, which prior_weight > 0 or a relative-distance term needs; "
+                                 f"set that weight to 0 or add it to the data set (keys: {sorted(batch)})")
+        if pairwise and latents.shape[0] < 2:
+            raise ValueError(f"the relative-distance terms compare samples pairwise: batch_size must be >= 2, got "
+                             f"{latents.shape[0]}")
+        # Random draws, in order: instance timesteps and noise, prior ones, the shared timestep and its noise.
+        loss = self._denoising_loss(model, latents, prompt_embeds, generator)
+        self.last_terms = {"denoising_loss": float(loss.detach())}
+        if self.prior_weight > 0:
+            prior = self._denoising_loss(model, batch["class_latents"], batch["class_prompt_embeds"], generator)
+            loss = loss + self.prior_weight * prior
+            self.last_terms["prior_loss"] = float(prior.detach())
+        if not (pairwise or self.hf_mse_weight > 0):
+            return loss
+
+        timestep = torch.randint(0, self.num_train_timesteps, (1,), generator=generator)
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device, torch.float32)
+        timesteps = timestep.expand(latents.shape[0])
+        alpha, sigma = self._coefficients(timesteps, latents)
+        noisy = (alpha * latents.float() + sigma * noise).to(latents.dtype)
+        timesteps = timesteps.to(latents.device)
+        adapted = self._view(self._denoised(model, noisy, timesteps, prompt_embeds, alpha, sigma))
+        adapted_details = high_frequency(adapted)
+        if pairwise:
+            source = self._view(self._source_denoised(model, noisy, timesteps, batch["class_prompt_embeds"], alpha,
+                                                      sigma))
+            relative = relative_distance_loss(adapted, source)
+            details = relative_distance_loss(adapted_details, high_frequency(source))
+            loss = loss + self.relative_distance_weight * relative + self.hf_relative_distance_weight * details
+            self.last_terms |= {"relative_distance": float(relative.detach()),
+                                "hf_relative_distance": float(details.detach())}
+        if self.hf_mse_weight > 0:
+            with torch.no_grad():
+                data_details = high_frequency(self._view(latents.float()))
+            hf_mse = F.mse_loss(adapted_details, data_details)
+            loss = loss + self.hf_mse_weight * hf_mse
+            self.last_terms["hf_mse"] = float(hf_mse.detach())
+        return loss
+
+    def validate(self, model: torch.nn.Module, step: int, output_dir: Path) -> list[Any]:
+        if self.validation is None:
+            raise ValueError("this DomainStudioObjective was built without validation=DomainStudioValidation(...)")
+        return self.validation(model)
+
+
+def sample_images(pipeline: Any, prompt_embeds: torch.Tensor, seeds: Sequence[int], *, output_type: str = "pt",
+                  **pipeline_kwargs: Any) -> Any:
+    """One image per seed (``torch.Generator().manual_seed(seed)`` each) from one prompt's embeddings (1, L, E),
+    in one pipeline call: ``(N, 3, H, W)`` in [0, 1] for ``output_type="pt"``, a list of PIL images for ``"pil"``.
+    ``pipeline_kwargs``: ``num_inference_steps``, ``guidance_scale``, ``negative_prompt_embeds``, ``height``, ..."""
+    if not seeds:
+        raise ValueError("sample_images needs at least one seed")
+    if prompt_embeds.dim() != 3 or prompt_embeds.shape[0] != 1:
+        raise ValueError(f"prompt_embeds must be one prompt's embeddings, (1, L, E), got {tuple(prompt_embeds.shape)}")
+    reserved = sorted(set(pipeline_kwargs) & set(RESERVED_PIPELINE_ARGUMENTS))
+    if reserved:
+        raise ValueError(f"sample_images sets {reserved} itself; do not pass them")
+    generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+    return pipeline(prompt_embeds=prompt_embeds, num_images_per_prompt=len(generators), generator=generators,
+                    output_type=output_type, **pipeline_kwargs).images
+
+
+def pairwise_diversity(images: torch.Tensor) -> float:
+    """The mean over pairs ``i < j`` of ``sqrt(mean (I_i - I_j)^2)``: intra-set diversity (the offline stand-in for
+    the paper's intra-cluster LPIPS)."""
+    if images.shape[0] < 2:
+        raise ValueError(f"pairwise diversity needs at least 2 images, got {images.shape[0]}")
+    flat = images.double().flatten(1)
+    distances = [(flat[i] - flat[j]).pow(2).mean().sqrt() for i, j in itertools.combinations(range(len(flat)), 2)]
+    return float(torch.stack(distances).mean())
+
+
+@dataclass
+class DomainStudioValidation:
+    """Images from fixed seeds with the trained UNet swapped into ``pipeline`` (put back afterwards).
+
+    Attributes:
+        pipeline: a text-to-image pipeline with a deterministic sampler (DDIM), on the model's device.
+        prompt_embeds: the target prompt's embeddings, (1, L, E).
+        seeds: one image per seed.
+        pipeline_kwargs: further pipeline arguments (``num_inference_steps``, ``guidance_scale``, ...).
+    """
+
+    pipeline: Any
+    prompt_embeds: torch.Tensor
+    seeds: Sequence[int] = (0, 1, 2, 3)
+    pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.seeds:
+            raise ValueError("DomainStudioValidation needs at least one seed")
+
+    def __call__(self, unet: torch.nn.Module) -> list[Any]:
+        stock_unet = self.pipeline.unet
+        self.pipeline.unet = unet
+        try:
+            return sample_images(self.pipeline, self.prompt_embeds, self.seeds, output_type="pil",
+                                 **self.pipeline_kwargs)
+        finally:
+            self.pipeline.unet = stock_unet
+
+
+class FewShotDomainLatents(Dataset):
+    """A toy few-shot domain of precomputed latents: ``num_shots`` target latents ``prototype + jitter * noise``
+    (a narrow domain with one prompt, ``c_tar``), each item paired, DreamBooth-style, with one of ``num_class``
+    standard-normal source-domain latents under the source prompt ``c_sou`` (the diverse prior a pretrained model
+    would sample). Its length is ``max(num_shots, num_class)``; target latents repeat."""
+
+    def __init__(self, target_prompt_embeds: torch.Tensor, source_prompt_embeds: torch.Tensor, *, num_shots: int = 4,
+                 num_class: int = 8, latent_shape: Sequence[int] = TOY_LATENT_SHAPE, jitter: float = 0.1,
+                 seed: int = 0):
+        if num_shots < 1 or num_class < 1:
+            raise ValueError(f"num_shots and num_class must be positive, got {num_shots} and {num_class}")
+        generator = torch.Generator().manual_seed(seed)
+        prototype = torch.randn(*latent_shape, generator=generator)
+        self.latents = prototype + jitter * torch.randn(num_shots, *latent_shape, generator=generator)
+        self.class_latents = torch.randn(num_class, *latent_shape, generator=generator)
+        self.target_prompt_embeds, self.source_prompt_embeds = target_prompt_embeds.detach(), source_prompt_embeds.detach()
+
+    def __len__(self) -> int:
+        return max(len(self.latents), len(self.class_latents))
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"latents": self.latents[index % len(self.latents)], "prompt_embeds": self.target_prompt_embeds,
+                "class_latents": self.class_latents[index % len(self.class_latents)],
+                "class_prompt_embeds": self.source_prompt_embeds}
+
+
+def toy_unet(seed: int = 0) -> Any:
+    """A tiny random ``UNet2DConditionModel`` (4 x 8 x 8 latents, 32-wide text embeddings), the same for the same
+    ``seed``: the base model of ``toy_run``."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=TOY_LATENT_SHAPE[-1],
+        in_channels=TOY_LATENT_SHAPE[0], out_channels=TOY_LATENT_SHAPE[0],
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TOY_TEXT_SHAPE[-1], attention_head_dim=4, norm_num_groups=4,
+    )
+
+
+def toy_run(config: Any, args: Any = None) -> tuple[DomainStudioObjective, torch.nn.Module, Dataset]:
+    """``diffusers-ext train domainstudio``: the DomainStudio loss (official weights, Stable Diffusion's noise
+    schedule, terms on latents) on ``toy_unet(config.seed)`` over a ``FewShotDomainLatents`` set (4 shots, 8
+    source latents, random prompt embeddings). With ``lora_rank`` set the source model is the UNet with adapters
+    disabled; without it (full fine-tuning, as the paper) a frozen copy of the initial UNet."""
+    from diffusers import DDPMScheduler
+
+    generator = torch.Generator().manual_seed(config.seed)
+    target_embeds, source_embeds = torch.randn(2, *TOY_TEXT_SHAPE, generator=generator)
+    dataset = FewShotDomainLatents(target_embeds, source_embeds, seed=config.seed)
+    unet = toy_unet(config.seed).train()
+    source = None if config.lora_rank is not None else copy.deepcopy(unet)
+    method = DomainStudioObjective(DDPMScheduler(**STABLE_DIFFUSION_SCHEDULE), source_model=source)
+    return method, unet, dataset
