@@ -201,6 +201,25 @@ COMPONENTS: tuple[Component, ...] = (
         "experimental",
     ),
     Component(
+        "DDPOObjective",
+        "trainer",
+        "diffusers_ext.training",
+        "DDPO reward fine-tuning: PPO-clipped policy gradient over DDIM steps (eta > 0) with per-step "
+        "log-probabilities and per-prompt reward normalisation; JPEG (in)compressibility or any reward callable",
+        "Training Diffusion Models with Reinforcement Learning",
+        "2305.13301",
+        "experimental",
+    ),
+    Component(
+        "RLCMObjective",
+        "trainer",
+        "diffusers_ext.training",
+        "RLCM: the same policy gradient over a latent consistency model's multistep sampler (LCMScheduler)",
+        "RL for Consistency Models: Faster Reward Guided Text-to-Image Generation",
+        "2404.03673",
+        "experimental",
+    ),
+    Component(
         "DomainStudioObjective",
         "trainer",
         "diffusers_ext.training",

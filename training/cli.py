@@ -82,6 +82,18 @@ def smooth_lora(config: TrainingConfig, args: argparse.Namespace):
     return toy_run(config, args)
 
 
+def ddpo(config: TrainingConfig, args: argparse.Namespace):
+    from .ddpo import toy_run
+
+    return toy_run(config, args)
+
+
+def rlcm(config: TrainingConfig, args: argparse.Namespace):
+    from .rlcm import toy_run
+
+    return toy_run(config, args)
+
+
 def domainstudio(config: TrainingConfig, args: argparse.Namespace):
     from .domainstudio import toy_run
 
@@ -95,10 +107,12 @@ def spm(config: TrainingConfig, args: argparse.Namespace):
 
 
 TRAINING_METHODS: dict[str, MethodFactory] = {
+    "ddpo": ddpo,
     "domainstudio": domainstudio,
     "lcm-lora": lcm_lora,
     "masked-diffusion-lm": masked_diffusion_lm,
     "restoration": restoration,
+    "rlcm": rlcm,
     "smooth-lora": smooth_lora,
     "spm": spm,
 }
