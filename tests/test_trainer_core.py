@@ -238,7 +238,9 @@ class ImageValidation(EpsilonMSE):
         self.calls = []
 
     def loss(self, model, batch, generator):
-        return super().loss(model, batch, generator) + 1e-3 * torch.rand(())
+        jitter = 1e-3 * torch.rand(())
+        self.last_terms = {"jitter": float(jitter)}  # a method's terms are logged with the loss
+        return super().loss(model, batch, generator) + jitter
 
     def validate(self, model, step, folder):
         self.calls.append((step, folder, model.training))
@@ -265,6 +267,7 @@ def test_validation_every_writes_images_at_the_right_steps_and_logs_them(tmp_pat
     assert records[0][0] == "config" and records[0][1]["lora_rank"] == 2
     assert [(step, values["loss"]) for kind, values, step in records if kind == "log"] == list(
         zip(range(1, 6), result.losses, strict=True))
+    assert all(0 <= values["jitter"] <= 1e-3 for kind, values, step in records if kind == "log")
     images = [(step, len(values["validation"])) for kind, values, step in records if kind == "images"]
     assert images == [(2, 2), (4, 2)]
     without_validation = Trainer(ImageValidation(), tiny_unet(), latent_data(8),
@@ -328,7 +331,7 @@ def test_train_command_runs_registered_methods_end_to_end(tmp_path, monkeypatch,
     with pytest.raises(SystemExit) as exit_info:
         train_main(["no-such-method"])
     assert exit_info.value.code == 2
-    assert "registered methods: lcm-lora, masked-diffusion-lm, restoration, smooth-lora, toy-epsilon" in capsys.readouterr().err
+    assert "registered methods: ddpo, domainstudio, lcm-lora, masked-diffusion-lm, restoration, rlcm, smooth-lora, spm, toy-epsilon" in capsys.readouterr().err
 
 
 def test_other_diffusers_models_save_their_adapter_in_their_own_lora_format(tmp_path):

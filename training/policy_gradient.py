@@ -19,7 +19,8 @@ Per-prompt statistics come from a buffer of each prompt's last ``buffer_size`` r
 of them, from the whole round's rewards before. The official code accumulates the gradient over every timestep of a
 trajectory minibatch before an optimizer step: set ``TrainingConfig.gradient_accumulation_steps`` to the number of
 micro-batches that makes one update (``policy.num_transitions`` for a minibatch of one trajectory per timestep).
-Each process normalises its own round's rewards (the official code gathers them across processes first).
+Under several processes the round's rewards are gathered from all of them before normalisation, as in the official
+code.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
-from accelerate.utils import extract_model_from_parallel
+from accelerate import PartialState
+from accelerate.utils import extract_model_from_parallel, gather_object
 
 from ..guidance.steering import check_reward_values
 from ..pipelines.restoration.pipeline_restoration import decode_latents
@@ -152,7 +154,8 @@ class PolicyGradientObjective:
         validation_prompts, validation_seeds: ``validate`` returns the pipeline's own images for each prompt and
             seed (``validation_images``).
 
-    ``last_round`` holds the last sampling phase's mean and per-prompt rewards, for logging.
+    ``last_terms`` holds the last sampling phase's mean reward and its spread (over all processes), which the
+    trainer logs.
     """
 
     name = "policy-gradient"
@@ -184,7 +187,7 @@ class PolicyGradientObjective:
         self.clip_range, self.advantage_clip = clip_range, advantage_clip
         self.normalizer = RewardNormalizer(buffer_size, min_count)
         self.validation_prompts, self.validation_seeds = list(validation_prompts), list(validation_seeds)
-        self.last_round: dict[str, Any] = {}
+        self.last_terms: dict[str, float] = {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"reward_buffers": self.normalizer.state_dict()}
@@ -221,11 +224,13 @@ class PolicyGradientObjective:
     def collect(self, model: torch.nn.Module, prompts: Sequence[str], generator: torch.Generator) -> list[dict]:
         prompts = [p for p in prompts for _ in range(self.images_per_prompt)]
         states, log_probs, images, conditioning = self.sample(model, prompts, generator)
-        rewards = check_reward_values(self.reward(images), len(prompts), "the reward")
-        advantages = self.normalizer(prompts, rewards.cpu())
-        self.last_round = {"reward": float(rewards.mean()),
-                           "prompt_rewards": {p: float(rewards[[q == p for q in prompts]].mean())
-                                              for p in dict.fromkeys(prompts)}}
+        rewards = check_reward_values(self.reward(images), len(prompts), "the reward").cpu()
+        # Every process normalises the whole round, so that their statistics and buffers agree.
+        everyone = gather_object(list(zip(prompts, rewards.tolist(), strict=True)))
+        all_prompts, all_rewards = [p for p, _ in everyone], torch.tensor([r for _, r in everyone])
+        start = PartialState().process_index * len(prompts)
+        advantages = self.normalizer(all_prompts, all_rewards)[start:start + len(prompts)]
+        self.last_terms = {"reward": float(all_rewards.mean()), "reward_std": float(all_rewards.std(correction=0))}
         trajectory, step = torch.meshgrid(torch.arange(len(prompts)), torch.arange(self.policy.num_transitions),
                                           indexing="ij")
         trajectory, step = trajectory.flatten(), step.flatten()

@@ -237,7 +237,8 @@ class TrainingMethod(Protocol):
       the data set (prompts, say) is handed to it, with the model unwrapped, in eval mode and without gradients, and
       the training batches it returns (transitions of sampled trajectories, say) are what the next micro-steps'
       losses take; a checkpoint keeps the ones not yet taken;
-    - ``state_dict()`` / ``load_state_dict(state)`` for running state that checkpoints must keep."""
+    - ``state_dict()`` / ``load_state_dict(state)`` for running state that checkpoints must keep;
+    - ``last_terms``, a dict of numbers (the loss's terms, the last round's reward) logged with the loss."""
 
     name: str
 
@@ -351,7 +352,8 @@ class Trainer:
         # prepare() moves parameters in place, so these are the ones the optimizer updates.
         self.trainable_names = [n for n, _ in named_trainable]
         self.trainable = [p for _, p in named_trainable]
-        self.generator = torch.Generator().manual_seed(config.seed + 1)
+        # Each process draws its own noise and timesteps: the same draws on every process would add no information.
+        self.generator = torch.Generator().manual_seed(config.seed + 1 + self.accelerator.process_index)
         self.step = 0
         self.batches_drawn = 0  # from the loader, over all epochs: where a resumed run continues the data
         self.pending_batches: list[Any] = []  # the sampling phase's training batches not yet taken
@@ -445,7 +447,7 @@ class Trainer:
             progress.update()
             progress.set_postfix(loss=f"{losses[-1]:.4f}")
             if config.log_with is not None:
-                self.accelerator.log({"loss": losses[-1]}, step=self.step)
+                self.accelerator.log({"loss": losses[-1], **getattr(self.method, "last_terms", {})}, step=self.step)
             # Validation comes before the checkpoint so that the checkpoint's RNG state is the one that follows.
             if config.validation_every and self.step % config.validation_every == 0:
                 self.validate()
