@@ -18,14 +18,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
-from tiny_pipelines import tiny_stable_diffusion
+from tiny_pipelines import sd_pipeline
 
 from diffusers_ext.training import Trainer, TrainingConfig
 from diffusers_ext.training.domainstudio import (
-    STABLE_DIFFUSION_SCHEDULE,
     DomainStudioObjective,
     DomainStudioValidation,
     FewShotDomainLatents,
@@ -33,21 +32,16 @@ from diffusers_ext.training.domainstudio import (
     high_frequency,
     pairwise_diversity,
     relative_distance_loss,
-    sample_images,
     similarity_log_distributions,
     toy_run,
 )
-from diffusers_ext.training.lora import save_lora_weights
+from diffusers_ext.training.lora import sample_images, save_lora_weights
+from diffusers_ext.training.smooth_lora import STABLE_DIFFUSION_SCHEDULE
 from diffusers_ext.training.trainer import add_lora_adapter
 
 SAMPLING = {"num_inference_steps": 10, "guidance_scale": 1.0, "height": 8, "width": 8}
 HELD_OUT_SEEDS = list(range(1000, 1032))
 PLAIN = {"relative_distance_weight": 0.0, "hf_relative_distance_weight": 0.0, "hf_mse_weight": 0.0}
-
-
-def sd_pipeline(text_encoder: bool = False):
-    return tiny_stable_diffusion(DDIMScheduler(**STABLE_DIFFUSION_SCHEDULE, clip_sample=False, set_alpha_to_one=False,
-                                               steps_offset=1), text_encoder=text_encoder)
 
 
 def training_scheduler():
@@ -203,14 +197,19 @@ def test_loss_replays_by_hand_with_every_term():
 
 
 def test_vae_view_and_lora_source_are_used(prompts):
-    """With ``vae=`` the terms compare decoded images; with a LoRA adapter the source is the model with its adapters
-    disabled, and they are enabled again afterwards."""
+    """With ``vae=`` the terms compare decoded images ``vae.decode(y / scaling_factor)``; with a LoRA adapter the source
+    is the model with its adapters disabled, and they are enabled again afterwards. Replayed by hand."""
     pipe = sd_pipeline()
     target, source = prompts
-    data = FewShotDomainLatents(target[0], source[0], num_shots=2, num_class=2)
-    model = add_lora_adapter(pipe.unet.train(), TrainingConfig(max_steps=1, batch_size=2, lora_rank=2))
-    batch = {key: torch.stack([data[i][key] for i in range(2)]) for key in data[0]}
-    method = DomainStudioObjective(training_scheduler(), vae=pipe.vae)
+    data = FewShotDomainLatents(target[0], source[0], num_shots=3, num_class=3, jitter=1.0)  # 2 pairs per row
+    model = add_lora_adapter(pipe.unet.train(), TrainingConfig(max_steps=1, batch_size=3, lora_rank=2))
+    with torch.no_grad():  # a trained-looking adapter, so that the source differs from the adapted model
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.3, generator=torch.Generator().manual_seed(2))
+    batch = {key: torch.stack([data[i][key] for i in range(3)]) for key in data[0]}
+    scheduler = training_scheduler()
+    method = DomainStudioObjective(scheduler, vae=pipe.vae)
     loss = method.loss(model, batch, torch.Generator().manual_seed(0))
     assert torch.isfinite(loss) and {"relative_distance", "hf_relative_distance", "hf_mse"} <= set(method.last_terms)
     lora_layers = [layer for layer in model.modules() if isinstance(layer, BaseTunerLayer)]
@@ -218,6 +217,43 @@ def test_vae_view_and_lora_source_are_used(prompts):
     loss.backward()
     assert all(p.grad is None for p in pipe.vae.parameters())  # the VAE stays frozen
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora" in n)
+
+    replay = torch.Generator().manual_seed(0)
+    for x0 in (batch["latents"], batch["class_latents"]):  # the instance and prior draws
+        torch.randint(0, 1000, (3,), generator=replay), torch.randn(x0.shape, generator=replay)
+    t = torch.randint(0, 1000, (1,), generator=replay).expand(3)
+    eps = torch.randn(batch["latents"].shape, generator=replay)
+    abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    z = abar.sqrt() * batch["latents"] + (1 - abar).sqrt() * eps
+
+    def denoised(embeds, adapters=True):
+        with torch.no_grad():
+            if not adapters:
+                model.disable_adapters()
+            try:
+                eps_hat = model(z, t, encoder_hidden_states=embeds).sample
+            finally:
+                model.enable_adapters()
+            return (z - (1 - abar).sqrt() * eps_hat) / abar.sqrt()
+
+    def decoded(latents):
+        return pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+
+    # The VAE view, through the high-frequency MSE against the decoded training latents.
+    with torch.no_grad():
+        hf_mse = (high_frequency(decoded(denoised(batch["prompt_embeds"])))
+                  - high_frequency(decoded(batch["latents"]))).pow(2).mean()
+    assert method.last_terms["hf_mse"] == pytest.approx(float(hf_mse), rel=1e-3)
+    # The LoRA source, on latents (the tiny VAE's images are nearly one grey, so their cosines hardly tell sources).
+    latent_method = DomainStudioObjective(scheduler)
+    latent_method.loss(model, batch, torch.Generator().manual_seed(0))
+    adapted = denoised(batch["prompt_embeds"])
+    expected = relative_distance_loss(adapted, denoised(batch["class_prompt_embeds"], adapters=False))
+    # float32 cosines of nearly parallel samples: agreement to 1%.
+    assert latent_method.last_terms["relative_distance"] == pytest.approx(float(expected), rel=1e-2)
+    with_adapter = relative_distance_loss(adapted, denoised(batch["class_prompt_embeds"]))
+    # The source with the adapter on would give another value.
+    assert abs(float(with_adapter) - float(expected)) > 0.1 * float(expected), (float(with_adapter), float(expected))
 
 
 def test_trained_adapter_loads_into_a_fresh_stock_pipeline_and_reproduces_validation(prompts, tmp_path):

@@ -26,7 +26,7 @@ import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
 from peft import LoraConfig
 from PIL import Image
-from tiny_pipelines import TEXT_DIM, stable_diffusion_inputs, tiny_stable_diffusion
+from tiny_pipelines import TEXT_DIM, sd_pipeline, sd_scheduler, stable_diffusion_inputs
 
 from diffusers_ext.training import Trainer, TrainingConfig
 from diffusers_ext.training.lcm_lora import (
@@ -47,16 +47,6 @@ STEPS = 120
 # diffusers' old format but leaves the others in PEFT's, and ``load_lora_weights`` then drops the attention layers of
 # a file that holds both (``test_an_adapter_on_the_reference_targets_round_trips`` records it).
 ROUND_TRIPPING_TARGETS = [name for name in LCM_LORA_TARGET_MODULES if not name.startswith("to_")]
-
-
-def sd_scheduler() -> DDIMScheduler:
-    """Stable Diffusion 1.5's DDIM config."""
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1)
-
-
-def base_pipeline():
-    return tiny_stable_diffusion(sd_scheduler())
 
 
 def attention_lora() -> LoraConfig:
@@ -92,7 +82,7 @@ def per_seed_mse(outputs: torch.Tensor, reference: torch.Tensor) -> torch.Tensor
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("lcm-lora")
-    base = base_pipeline()
+    base = sd_pipeline()
     data_latents = teacher_samples(base.unet, base.scheduler.config, PROMPT, NEGATIVE, count=64,
                                    latent_shape=(4, 8, 8), guidance_scale=GUIDANCE,
                                    generator=torch.Generator().manual_seed(TRAINING_SEED))
@@ -101,7 +91,7 @@ def distilled(tmp_path_factory):
                             lora_rank=8, lora_target_modules=ROUND_TRIPPING_TARGETS, validation_every=STEPS)
     method = LCMLoRADistillation(base.scheduler.config, w_min=GUIDANCE, w_max=GUIDANCE, validation_pipeline=base,
                                  validation_prompt_embeds=PROMPT, validation_seeds=VALIDATION_SEEDS)
-    result = Trainer(method, base_pipeline().unet.train(), data, config).train()
+    result = Trainer(method, sd_pipeline().unet.train(), data, config).train()
     save_lora_weights(result.model, output_dir / "lora", method_name=method.name, config=config)
     student = lcm_lora_pipeline(base, unet=result.model.eval())
     return {"base": base, "student": student, "output_dir": output_dir, "teacher": latents(base, 50, GUIDANCE)}
@@ -137,25 +127,25 @@ def test_four_step_student_is_closer_to_the_teachers_50_step_output_than_the_bas
 def test_the_saved_adapter_reproduces_the_trainers_validation_images_in_a_stock_pipeline(distilled):
     folder = distilled["output_dir"] / "validation" / f"step-{STEPS}"
     validation = [np.asarray(Image.open(folder / f"image-{i}.png")) for i in range(len(VALIDATION_SEEDS))]
-    stock = base_pipeline()
+    stock = sd_pipeline()
     stock.scheduler = LCMScheduler.from_config(stock.scheduler.config)
     stock.load_lora_weights(distilled["output_dir"] / "lora")
     reloaded = lcm_lora_sample(stock, PROMPT, VALIDATION_SEEDS)
     for expected, image in zip(validation, reloaded, strict=True):
         np.testing.assert_array_equal(np.asarray(image), expected)
     assert torch.equal(latents(stock, 4, 1.0), latents(distilled["student"], 4, 1.0))
-    assert not torch.equal(latents(stock, 4, 1.0), latents(lcm_lora_pipeline(base_pipeline()), 4, 1.0))
+    assert not torch.equal(latents(stock, 4, 1.0), latents(lcm_lora_pipeline(sd_pipeline()), 4, 1.0))
 
 
 def test_an_adapter_on_the_reference_targets_round_trips_through_save_lora_weights(tmp_path):
-    unet = base_pipeline().unet
+    unet = sd_pipeline().unet
     unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=LCM_LORA_TARGET_MODULES))
     with torch.no_grad():
         for name, parameter in unet.named_parameters():
             if "lora_B" in name:  # as if trained: B starts at zero
                 parameter.normal_(std=0.1, generator=torch.Generator().manual_seed(1))
     save_lora_weights(unet, tmp_path, method_name="lcm-lora", config=TrainingConfig(lora_rank=2))
-    stock = base_pipeline()
+    stock = sd_pipeline()
     stock.load_lora_weights(tmp_path)
     sample, timesteps = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([999, 259])
     with torch.no_grad():
@@ -166,7 +156,7 @@ def test_an_adapter_on_the_reference_targets_round_trips_through_save_lora_weigh
 def test_the_loss_is_the_reference_scripts_consistency_distillation_loss():
     """One loss evaluation against the reference script's formulas, written with diffusers' own schedulers: DDPM's
     ``add_noise``, the teacher's DDIM step on ``alphas_cumprod`` and LCMScheduler's boundary scalings."""
-    unet = base_pipeline().unet
+    unet = sd_pipeline().unet
     unet.add_adapter(attention_lora())
     with torch.no_grad():  # a trained-looking adapter: the student differs from the teacher
         for name, parameter in unet.named_parameters():
@@ -247,10 +237,10 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="zero-terminal-SNR"):
         LCMLoRADistillation({**config, "rescale_betas_zero_snr": True})
     with pytest.raises(ValueError, match="both validation_pipeline and validation_prompt_embeds"):
-        LCMLoRADistillation(config, validation_pipeline=base_pipeline())
+        LCMLoRADistillation(config, validation_pipeline=sd_pipeline())
 
     batch = {"latents": torch.randn(2, 4, 8, 8), "prompt_embeds": torch.randn(2, 4, TEXT_DIM)}
-    plain_unet = base_pipeline().unet
+    plain_unet = sd_pipeline().unet
     with pytest.raises(ValueError, match=r"UNet2DConditionModel has no diffusers LoRA adapter; train it with "
                                          r"TrainingConfig\(lora_rank=...\)"):
         LCMLoRADistillation(config).loss(plain_unet, batch, torch.Generator())

@@ -14,8 +14,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
-from tiny_pipelines import TEXT_DIM, tiny_stable_diffusion
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from tiny_pipelines import TEXT_DIM, sd_pipeline
 
 from diffusers_ext.training import Trainer, TrainingConfig
 from diffusers_ext.training.cli import FINAL_FOLDER, TRAINING_METHODS
@@ -39,11 +39,6 @@ LATENT_SHAPE = (4, 8, 8)
 SAMPLING = {"num_inference_steps": 10, "guidance_scale": 1.0, "height": 8, "width": 8}
 NUM_POINTS = 17
 HELD_OUT_PAIRS = 12
-
-
-def sd_pipeline():
-    return tiny_stable_diffusion(DDIMScheduler(**STABLE_DIFFUSION_SCHEDULE, clip_sample=False, set_alpha_to_one=False,
-                                               steps_offset=1))
 
 
 def training_scheduler():

@@ -18,19 +18,18 @@ import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from peft import LoraConfig
 from PIL import Image
-from tiny_pipelines import tiny_stable_diffusion
+from tiny_pipelines import sd_pipeline
 
 from diffusers_ext.training import Trainer, TrainingConfig
 from diffusers_ext.training.lora import save_lora_weights
 from diffusers_ext.training.smooth_lora import toy_unet
 from diffusers_ext.training.spm import (
+    SPM_DDIM,
     SPM_TARGET_MODULES,
-    STABLE_DIFFUSION_DDIM,
     SPMConceptData,
     SPMObjective,
     SPMTransport,
     SPMValidation,
-    adapters_disabled,
     load_spm,
     sample_anchor_embeddings,
     save_spm,
@@ -40,11 +39,8 @@ from diffusers_ext.training.spm import (
 
 SAMPLING = {"num_inference_steps": 10, "height": 8, "width": 8, "guidance_scale": 7.5}
 HELD_OUT_SEEDS = list(range(100, 112))
+FRESH_DRAWS = range(200, 216)  # generator seeds for x_t that no training step used (training draws from config.seed)
 CONCEPT, NON_TARGET = "a cat", "a dog"
-
-
-def sd_pipeline(text_encoder: bool = True):
-    return tiny_stable_diffusion(DDIMScheduler(**STABLE_DIFFUSION_DDIM), text_encoder=text_encoder)
 
 
 def spm_config(folder, **overrides) -> TrainingConfig:
@@ -54,10 +50,10 @@ def spm_config(folder, **overrides) -> TrainingConfig:
 
 
 def train_membrane(folder, concept: str, **overrides) -> tuple:
-    pipe = sd_pipeline()
+    pipe = sd_pipeline(text_encoder=True)
     data = SPMConceptData(pipe.tokenizer, pipe.text_encoder, concept)
     config = spm_config(folder, **overrides)
-    method = SPMObjective(DDIMScheduler(**STABLE_DIFFUSION_DDIM), denoising_steps=10)
+    method = SPMObjective(DDIMScheduler(**SPM_DDIM), denoising_steps=10)
     result = Trainer(method, pipe.unet.train(), data, config).train()
     return save_spm(result.model, folder / "membrane", concept=concept, config=config), result
 
@@ -88,9 +84,9 @@ def erasure_figures(stock, transport) -> dict[str, torch.Tensor]:
 def test_spm_erases_the_concept_and_changes_a_non_target_prompt_less_on_held_out_seeds(cat_membrane):
     figures = {}
     for transport_on in (True, False):
-        transport = load_spm(sd_pipeline(), cat_membrane, facilitated_transport=transport_on)
-        figures[transport_on] = erasure_figures(sd_pipeline(), transport)
-    scales = load_spm(sd_pipeline(), cat_membrane).scales
+        transport = load_spm(sd_pipeline(text_encoder=True), cat_membrane, facilitated_transport=transport_on)
+        figures[transport_on] = erasure_figures(sd_pipeline(text_encoder=True), transport)
+    scales = load_spm(sd_pipeline(text_encoder=True), cat_membrane).scales
     measured = figures[True]
     ratios = {on: float(figures[on]["non_target"].mean() / figures[on]["erased"].mean()) for on in figures}
     report = (f"transport scales: {CONCEPT!r} {scales(CONCEPT)[0]:.3f}, {NON_TARGET!r} {scales(NON_TARGET)[0]:.3f}; "
@@ -100,9 +96,9 @@ def test_spm_erases_the_concept_and_changes_a_non_target_prompt_less_on_held_out
               f"seeds; the two prompts' originals differ by {measured['between_prompts'].mean():.4f}")
     print(report)
     # The erased prompt's images leave its original images by more than the original gap between two different
-    # prompts (the scale of a concept change in this model). Measured: 0.028 vs 0.023.
+    # prompts (the scale of a concept change in this model). Measured: 0.030 vs 0.023.
     assert measured["erased"].mean() > measured["between_prompts"].mean(), report
-    # The non-target prompt moves at most 60% as far (measured 0.49 with transport, 0.61 without: the random CLIP
+    # The non-target prompt moves at most 60% as far (measured 0.50 with transport, 0.64 without: the random CLIP
     # makes "a dog" 0.82-similar to "a cat", so the membrane is 82% open for it), and less on most seeds.
     assert measured["non_target"].mean() < 0.6 * measured["erased"].mean(), report
     assert (measured["non_target"] < measured["erased"]).sum() > 3 * len(HELD_OUT_SEEDS) // 4, report
@@ -111,9 +107,58 @@ def test_spm_erases_the_concept_and_changes_a_non_target_prompt_less_on_held_out
     torch.testing.assert_close(measured["erased"], figures[False]["erased"])  # the concept's own scale is 1
 
 
+def prediction_figures(membrane) -> dict[str, torch.Tensor]:
+    """Per fresh draw ``x_t`` (seeds no training step used, drawn as training draws them from the initial membrane,
+    which is the frozen model): where the erased model's prediction for the concept lies relative to the frozen
+    model's predictions ``eps0_tar`` and ``eps0_sur``. ``progress`` is the share of the way from ``eps0_tar`` to
+    ``eps0_sur`` that it moved (projected on that line; the erasing target ``y = eps0_sur - (eps0_tar - eps0_sur)``
+    is at 2, an amplifying membrane moves below 0)."""
+    stock = sd_pipeline(text_encoder=True)
+    erased = load_spm(sd_pipeline(text_encoder=True), membrane).pipe.unet
+    item = SPMConceptData(stock.tokenizer, stock.text_encoder, CONCEPT)[0]
+    batch = {k: v[None] for k, v in item.items()}
+    draw = SPMObjective(DDIMScheduler(**SPM_DDIM), denoising_steps=10).noisy_latents
+    figures = {k: [] for k in ("erase_before", "erase_after", "surrogate_before", "surrogate_after", "progress")}
+    with torch.no_grad():
+        for seed in FRESH_DRAWS:
+            noisy, t = draw(stock.unet, batch, torch.Generator().manual_seed(seed))
+            concept0, surrogate0 = stock.unet(torch.cat([noisy, noisy]), torch.cat([t, t]), encoder_hidden_states=(
+                torch.cat([batch["target_embeds"], batch["surrogate_embeds"]]))).sample.double().chunk(2)
+            concept = erased(noisy, t, encoder_hidden_states=batch["target_embeds"]).sample.double()
+            target, gap = surrogate0 - (concept0 - surrogate0), surrogate0 - concept0
+            figures["erase_before"].append((concept0 - target).norm())
+            figures["erase_after"].append((concept - target).norm())
+            figures["surrogate_before"].append(gap.norm())
+            figures["surrogate_after"].append((concept - surrogate0).norm())
+            figures["progress"].append(((concept - concept0) * gap).sum() / gap.pow(2).sum())
+    return {k: torch.stack(v) for k, v in figures.items()}
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "measured: on 16 fresh x_t the erasing error ||eps(x_t, c_tar) - y|| rises from 0.303 (initial membrane) to 0.375 "
+    "(lower on 1/16 draws), and ||eps(x_t, c_tar) - eps0(x_t, c_sur)|| from 0.152 to 0.294; the prediction moves "
+    "0.37 of the way towards eps0(c_sur) on average (min -0.13), but a membrane trained with the sign flipped "
+    "(target eps0_sur + 3 (eps0_tar - eps0_sur)) gives 0.378, 0.290 and +0.14: at this toy scale (random tiny UNet, "
+    "150 steps at lr 1e-2, lambda = 1000) the trained membrane's effect on the concept's prediction does not follow "
+    "the sign of the erasing objective"))
+def test_the_erasing_error_drops_on_fresh_draws(cat_membrane):
+    """The sign of erasing, as the objective states it: on fresh ``x_t`` the erasing error ``|| eps(x_t, c_tar) - y
+    ||`` is lower than at the initial membrane (an amplifying membrane would raise it)."""
+    figures = prediction_figures(cat_membrane)
+    report = (f"over {len(FRESH_DRAWS)} fresh x_t: erasing error ||eps(c_tar) - y|| {figures['erase_before'].mean():.4f} "
+              f"-> {figures['erase_after'].mean():.4f} (lower on {(figures['erase_after'] < figures['erase_before']).sum()}"
+              f"); ||eps(c_tar) - eps0(c_sur)|| {figures['surrogate_before'].mean():.4f} -> "
+              f"{figures['surrogate_after'].mean():.4f} (lower on "
+              f"{(figures['surrogate_after'] < figures['surrogate_before']).sum()}); progress towards the surrogate "
+              f"mean {figures['progress'].mean():.3f}, min {figures['progress'].min():.3f}, max "
+              f"{figures['progress'].max():.3f} (y is at 2)")
+    print(report)
+    assert figures["erase_after"].mean() < figures["erase_before"].mean(), report
+
+
 def test_membrane_transfers_to_another_unet_of_the_same_architecture(cat_membrane):
     def other_model_pipeline():
-        pipe = sd_pipeline()
+        pipe = sd_pipeline(text_encoder=True)
         pipe.unet = toy_unet(seed=7).eval()  # same architecture, different random weights
         return pipe
 
@@ -128,23 +173,48 @@ def test_membrane_transfers_to_another_unet_of_the_same_architecture(cat_membran
 
 def test_two_membranes_combine_with_their_own_transport_scales(cat_membrane, tmp_path):
     tree_membrane, _ = train_membrane(tmp_path, "a tree", max_steps=5)
-    transport = load_spm(sd_pipeline(), [cat_membrane, tree_membrane])
+    transport = load_spm(sd_pipeline(text_encoder=True), [cat_membrane, tree_membrane])
     assert transport.adapter_names == ["spm_0", "spm_1"] and transport.concepts == [CONCEPT, "a tree"]
     scales = transport.scales(CONCEPT)
     assert scales[0] == pytest.approx(1.0) and 0 < scales[1] < 1
     combined = held_out_images(transport, CONCEPT)
     # The same as diffusers' own multi-adapter weighting with those scales: sum_i gamma_i M_i.
-    manual = sd_pipeline()
+    manual = sd_pipeline(text_encoder=True)
     manual.load_lora_weights(cat_membrane, adapter_name="cat")
     manual.load_lora_weights(tree_membrane, adapter_name="tree")
     manual.set_adapters(["cat", "tree"], adapter_weights=scales)
     torch.testing.assert_close(combined, held_out_images(manual, CONCEPT))
-    alone = held_out_images(load_spm(sd_pipeline(), cat_membrane), CONCEPT)
+    alone = held_out_images(load_spm(sd_pipeline(text_encoder=True), cat_membrane), CONCEPT)
     assert (combined - alone).abs().max() > 0  # the second membrane takes part
 
 
+def test_transport_keeps_the_pipelines_other_active_adapters_at_their_weights(cat_membrane, tmp_path):
+    style = _rank_one_unet()
+    with torch.no_grad():
+        for name, parameter in style.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5, generator=torch.Generator().manual_seed(4))
+    save_lora_weights(style, tmp_path / "style", method_name="style", config=TrainingConfig(lora_rank=1))
+
+    def styled_pipeline():
+        pipe = sd_pipeline(text_encoder=True)
+        pipe.load_lora_weights(tmp_path / "style", adapter_name="style")
+        return pipe
+
+    pipe = styled_pipeline()
+    transport = load_spm(pipe, cat_membrane)
+    pipe.unet.set_adapters(["style"], [0.5])  # the user's own LoRA at half strength; the membrane inactive
+    images = held_out_images(transport, NON_TARGET)
+    manual = styled_pipeline()
+    manual.load_lora_weights(cat_membrane, adapter_name="cat")
+    manual.set_adapters(["style", "cat"], adapter_weights=[0.5, transport.scales(NON_TARGET)[0]])
+    torch.testing.assert_close(images, held_out_images(manual, NON_TARGET))
+    manual.set_adapters(["cat"], adapter_weights=transport.scales(NON_TARGET))
+    assert (images - held_out_images(manual, NON_TARGET)).abs().max() > 1e-3  # the style LoRA does take part
+
+
 def test_loss_matches_a_hand_computed_reference():
-    pipe = sd_pipeline()
+    pipe = sd_pipeline(text_encoder=True)
     data = SPMConceptData(pipe.tokenizer, pipe.text_encoder, CONCEPT, surrogate="a photo")
     batch = {k: v[None] for k, v in data[0].items()}
     unet = _rank_one_unet()
@@ -153,53 +223,87 @@ def test_loss_matches_a_hand_computed_reference():
             if "lora_B" in name:
                 parameter.copy_(0.5 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
     eta, strength, count, steps = 0.7, 3.0, 3, 6
-    method = SPMObjective(DDIMScheduler(**STABLE_DIFFUSION_DDIM), erase_guidance=eta, anchor_strength=strength,
+    method = SPMObjective(DDIMScheduler(**SPM_DDIM), erase_guidance=eta, anchor_strength=strength,
                           num_anchors=count, denoising_steps=steps)
     loss = method.loss(unet, batch, torch.Generator().manual_seed(5))
 
-    replay = torch.Generator().manual_seed(5)
-    k = int(torch.randint(1, steps, (1,), generator=torch.Generator().manual_seed(5)))
-    noisy, timesteps = method.noisy_latents(unet, batch, replay)
-    assert timesteps.tolist() == [999 - k * 1000 // steps]
-    anchors = sample_anchor_embeddings(batch["target_embeds"][0], count, replay)
-    ratios = anchors.flatten(1).norm(dim=1) / batch["target_embeds"].norm()
-    assert ((ratios >= 0.8) & (ratios <= 1.2)).all()
+    concept, surrogate, unconditional = batch["target_embeds"], batch["surrogate_embeds"], batch["unconditional_embeds"]
 
-    def predict(embeds, adapted=True):
+    def predict(sample, t, embeds, adapted=True):
         with torch.no_grad():
             if adapted:
-                return unet(noisy, timesteps, encoder_hidden_states=embeds).sample
-            with adapters_disabled(unet):
-                return unet(noisy, timesteps, encoder_hidden_states=embeds).sample
+                return unet(sample, t, encoder_hidden_states=embeds).sample
+            unet.disable_adapters()
+            try:
+                return unet(sample, t, encoder_hidden_states=embeds).sample
+            finally:
+                unet.enable_adapters()
 
-    concept, surrogate = batch["target_embeds"], batch["surrogate_embeds"]
-    erase = (predict(concept) - (predict(surrogate, False) - eta * (predict(concept, False)
-                                                                     - predict(surrogate, False)))).pow(2).mean()
-    anchor = torch.stack([(predict(a[None]) - predict(a[None], False)).pow(2).mean() for a in anchors]).mean()
+    # The draws in the method's order: k, x_T, then the anchors. x_t: k guided DDIM steps with the membrane on, on
+    # the official sampler's grid (steps_offset 0: t_i = (S - 1 - i) floor(T / S)) and alpha_bar = 1 past t = 0.
+    replay = torch.Generator().manual_seed(5)
+    k = int(torch.randint(1, steps, (1,), generator=replay))
+    noisy = torch.randn(1, 4, 8, 8, generator=replay)
+    abar = DDIMScheduler(**SPM_DDIM).alphas_cumprod.double()
+    stride = 1000 // steps
+    for i in range(k):
+        t, previous = (steps - 1 - i) * stride, (steps - 2 - i) * stride
+        uncond, cond = predict(noisy, t, unconditional), predict(noisy, t, concept)
+        eps = (uncond + 3.0 * (cond - uncond)).double()
+        abar_previous = abar[previous] if previous >= 0 else torch.tensor(1.0, dtype=torch.float64)
+        x0 = (noisy.double() - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
+        noisy = (abar_previous.sqrt() * x0 + (1 - abar_previous).sqrt() * eps).float()
+    timesteps = torch.tensor([999 - k * 1000 // steps])
+    torch.testing.assert_close(method.noisy_latents(unet, batch, torch.Generator().manual_seed(5)),
+                               (noisy, timesteps), rtol=1e-4, atol=1e-5)
+    flat, anchors = concept.flatten(), []
+    while len(anchors) < count:  # u ~ N(0, I), kept with probability 1 - cos(c_tar, u), scaled by U[0.8, 1.2]
+        direction = torch.randn(flat.shape, generator=replay)
+        direction = direction / direction.norm()
+        if torch.rand((), generator=replay) < 1 - torch.dot(flat, direction) / flat.norm():
+            anchors.append((0.8 + 0.4 * torch.rand((), generator=replay)) * flat.norm() * direction)
+    anchors = torch.stack(anchors).view(count, *concept.shape[1:])
+
+    erase = (predict(noisy, timesteps, concept) - (predict(noisy, timesteps, surrogate, False) - eta * (
+        predict(noisy, timesteps, concept, False) - predict(noisy, timesteps, surrogate, False)))).pow(2).mean()
+    anchor = torch.stack([(predict(noisy, timesteps, a[None]) - predict(noisy, timesteps, a[None], False)).pow(2).mean()
+                          for a in anchors]).mean()
     torch.testing.assert_close(loss.detach(), erase + strength * anchor, rtol=1e-4, atol=1e-7)
     assert method.last_terms == pytest.approx({"erase": float(erase), "anchor": float(anchor)}, rel=1e-4)
     loss.backward()  # only the membrane receives gradients
     grads = {n: p.grad for n, p in unet.named_parameters()}
     assert all(g is None for n, g in grads.items() if "lora_" not in n)
     assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
+    assert not any(layer.disable_adapters for layer in unet.modules() if hasattr(layer, "lora_A"))  # on again
+
+
+def test_without_anchors_the_loss_is_the_erasing_term_alone():
+    """``num_anchors=0``, the official ``erase`` action: no anchor draws and no anchor term."""
+    pipe = sd_pipeline(text_encoder=True)
+    batch = {k: v[None] for k, v in SPMConceptData(pipe.tokenizer, pipe.text_encoder, CONCEPT)[0].items()}
+    unet = _rank_one_unet()
+    method = SPMObjective(DDIMScheduler(**SPM_DDIM), num_anchors=0, denoising_steps=3)
+    loss = method.loss(unet, batch, torch.Generator().manual_seed(2))
+    assert set(method.last_terms) == {"erase"} and loss.item() == pytest.approx(method.last_terms["erase"])
+    assert sample_anchor_embeddings(batch["target_embeds"][0], 0, torch.Generator()).shape == (0, *batch["target_embeds"].shape[1:])
 
 
 def test_saved_membrane_loads_into_a_fresh_stock_pipeline_and_reproduces_validation(tmp_path):
     prompts = [CONCEPT, NON_TARGET]
     kwargs = {"num_inference_steps": 4, "height": 8, "width": 8, "guidance_scale": 7.5}
-    validation = SPMValidation(sd_pipeline(), CONCEPT, prompts, seed=3, pipeline_kwargs=kwargs)
-    pipe = sd_pipeline()
+    validation = SPMValidation(sd_pipeline(text_encoder=True), CONCEPT, prompts, seed=3, pipeline_kwargs=kwargs)
+    pipe = sd_pipeline(text_encoder=True)
     data = SPMConceptData(pipe.tokenizer, pipe.text_encoder, CONCEPT)
     config = spm_config(tmp_path, max_steps=4, learning_rate=5e-2, validation_every=4)
-    method = SPMObjective(DDIMScheduler(**STABLE_DIFFUSION_DDIM), denoising_steps=4, validation=validation)
+    method = SPMObjective(DDIMScheduler(**SPM_DDIM), denoising_steps=4, validation=validation)
     trained = Trainer(method, pipe.unet.train(), data, config).train().model.eval()
     logged = [torch.tensor(list(Image.open(tmp_path / "validation" / "step-4" / f"image-{i}.png").getdata()))
               for i in range(len(prompts))]
     folder = save_spm(trained, tmp_path / "membrane", concept=CONCEPT, config=config)
     assert json.loads((folder / "spm.json").read_text())["concept"] == CONCEPT
 
-    transport = load_spm(sd_pipeline(), folder)
-    stock = sd_pipeline()
+    transport = load_spm(sd_pipeline(text_encoder=True), folder)
+    stock = sd_pipeline(text_encoder=True)
     for prompt, image in zip(prompts, logged, strict=True):
         seeded = dict(generator=torch.Generator().manual_seed(3), output_type="pil", **kwargs)
         reloaded = torch.tensor(list(transport(prompt, **seeded).images[0].getdata()))
@@ -218,8 +322,8 @@ def test_transport_scale_is_the_larger_of_embedding_similarity_and_token_overlap
 
 
 def test_bad_inputs_raise_clear_errors(tmp_path):
-    pipe = sd_pipeline()
-    scheduler = DDIMScheduler(**STABLE_DIFFUSION_DDIM)
+    pipe = sd_pipeline(text_encoder=True)
+    scheduler = DDIMScheduler(**SPM_DDIM)
     for concept in ("", "   ", None):
         with pytest.raises(ValueError, match="non-empty string"):
             SPMConceptData(pipe.tokenizer, pipe.text_encoder, concept)
@@ -237,7 +341,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     batch = {k: v[None] for k, v in data[0].items()}
     with pytest.raises(ValueError, match="one membrane"):
         SPMObjective(scheduler).loss(pipe.unet, batch, torch.Generator())  # no adapter: full fine-tuning
-    trainer = Trainer(SPMObjective(scheduler, denoising_steps=2), sd_pipeline().unet.train(), data,
+    trainer = Trainer(SPMObjective(scheduler, denoising_steps=2), sd_pipeline(text_encoder=True).unet.train(), data,
                       spm_config(tmp_path / "rank2", lora_rank=2, max_steps=1))
     with pytest.raises(ValueError, match="one-dimensional"):
         trainer.train()
@@ -246,15 +350,15 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         save_spm(unet, tmp_path / "rank2-lora", concept=CONCEPT, config=trainer.config)
     save_lora_weights(unet, tmp_path / "rank2-lora", method_name="spm", config=trainer.config)
     with pytest.raises(ValueError, match="is not an SPM membrane"):
-        load_spm(sd_pipeline(), tmp_path / "rank2-lora")
+        load_spm(sd_pipeline(text_encoder=True), tmp_path / "rank2-lora")
     (tmp_path / "rank2-lora" / "spm.json").write_text(json.dumps({"concept": CONCEPT}))
     with pytest.raises(ValueError, match="not a one-dimensional SPM membrane"):
-        load_spm(sd_pipeline(), tmp_path / "rank2-lora")
+        load_spm(sd_pipeline(text_encoder=True), tmp_path / "rank2-lora")
     with pytest.raises(ValueError, match="one shape"):
         wrong = dict(batch, surrogate_embeds=batch["surrogate_embeds"][:, :4])
         SPMObjective(scheduler).loss(_rank_one_unet(), wrong, torch.Generator())
     with pytest.raises(ValueError, match="needs a tokenizer and text_encoder"):
-        SPMTransport(sd_pipeline(text_encoder=False), ["spm_0"], [CONCEPT])
+        SPMTransport(sd_pipeline(), ["spm_0"], [CONCEPT])
     transport = SPMTransport(pipe, ["spm_0"], [CONCEPT])
     with pytest.raises(ValueError, match="one prompt string"):
         transport.scales([CONCEPT, NON_TARGET])
@@ -266,10 +370,12 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         load_spm(pipe, [])
     with pytest.raises(ValueError, match="at least one prompt"):
         SPMValidation(pipe, CONCEPT, [])
+    with pytest.raises(ValueError, match="non-zero norm"):  # the anchors' rejection loop would never end
+        sample_anchor_embeddings(torch.zeros(16, 32), 4, torch.Generator())
 
 
 def _rank_one_unet():
-    unet = sd_pipeline().unet
+    unet = sd_pipeline(text_encoder=True).unet
     unet.add_adapter(LoraConfig(r=1, lora_alpha=1, target_modules=SPM_TARGET_MODULES))
     return unet
 
@@ -281,6 +387,6 @@ def test_toy_run_trains_a_membrane_for_the_cli(tmp_path):
     result = Trainer(method, model, dataset, config).train()
     assert result.step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     folder = save_spm(result.model, tmp_path / "membrane", concept=dataset.concept, config=config)
-    pipe = sd_pipeline()
+    pipe = sd_pipeline(text_encoder=True)
     pipe.unet = toy_unet(config.seed).eval()
     assert load_spm(pipe, folder).scales(dataset.concept) == [pytest.approx(1.0)]

@@ -5,6 +5,7 @@ be downloaded here."""
 import torch
 from diffusers import (
     AutoencoderKL,
+    DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
@@ -39,6 +40,20 @@ def tiny_stable_diffusion(scheduler, text_encoder: bool = False) -> StableDiffus
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# Stable Diffusion 1.5's shipped DDIM sampler (its scheduler_config.json), the tests' text-to-image sampler.
+STABLE_DIFFUSION_DDIM = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                         "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
+
+
+def sd_scheduler() -> DDIMScheduler:
+    return DDIMScheduler(**STABLE_DIFFUSION_DDIM)
+
+
+def sd_pipeline(text_encoder: bool = False) -> StableDiffusionPipeline:
+    """``tiny_stable_diffusion`` sampling with Stable Diffusion's DDIM (``STABLE_DIFFUSION_DDIM``)."""
+    return tiny_stable_diffusion(sd_scheduler(), text_encoder=text_encoder)
 
 
 def stable_diffusion_inputs(seed: int = 0, **overrides) -> dict:

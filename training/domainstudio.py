@@ -42,11 +42,10 @@ root-mean-square distance instead.
 from __future__ import annotations
 
 import copy
-import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -59,15 +58,28 @@ from ..diffusion_math import (
     prediction_from_x0_and_eps,
     x0_and_eps_from_prediction,
 )
+from .lora import adapters_disabled, sample_images, unet_swapped
+from .smooth_lora import STABLE_DIFFUSION_SCHEDULE, TOY_LATENT_SHAPE, TOY_TEXT_SHAPE, pixel_rms_distance, toy_unet
 
+SOURCE_MODEL_USE = ("the relative-distance terms need the frozen source model: with a LoRA adapter it is the model "
+                    "with the adapter turned off, and full fine-tuning must pass source_model= a frozen copy of the "
+                    "model")
 # The official script's weights (--prior_loss_weight, --image_loss_weight, --hf_loss_weight, --hfmse_loss_weight).
 DEFAULT_WEIGHTS = {"prior_weight": 1.0, "relative_distance_weight": 100.0, "hf_relative_distance_weight": 100.0,
                    "hf_mse_weight": 0.1}
-# Stable Diffusion's noise schedule (DDPMScheduler / DDIMScheduler arguments).
-STABLE_DIFFUSION_SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
-TOY_LATENT_SHAPE, TOY_TEXT_SHAPE = (4, 8, 8), (4, 32)
-# The pipeline arguments sample_images sets itself.
-RESERVED_PIPELINE_ARGUMENTS = ("prompt_embeds", "generator", "num_images_per_prompt", "output_type", "return_dict")
+
+
+class NoisyBatch(NamedTuple):
+    """One noised batch: ``x0``, its prompt embeddings, ``t``, ``eps``, ``x_t = alpha_t x0 + sigma_t eps``,
+    ``alpha_t`` and ``sigma_t`` (broadcastable to ``x0``)."""
+
+    latents: torch.Tensor
+    prompt_embeds: torch.Tensor
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+    noisy: torch.Tensor
+    alpha: torch.Tensor
+    sigma: torch.Tensor
 
 
 def haar_decomposition(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,7 +136,11 @@ class DomainStudioObjective:
         source_model: the frozen source UNet ``f_sou``. ``None`` (for a LoRA run) uses the trained model with its
             adapters disabled; full fine-tuning must pass a frozen copy of the model before training.
         vae: apply the relative-distance and high-frequency terms to ``vae.decode(y / scaling_factor)`` (the
-            official script's pixel space); ``None``: to the latents.
+            official script's pixel space); ``None``: to the latents. ``source_model`` and ``vae`` may be built on
+            the CPU: the first batch moves them to its device.
+
+    The trained model's predictions for all terms (instance, prior, and ``y_ada``'s) come from one forward pass on
+    the concatenated inputs, as DreamBooth's script batches instance and prior images.
         validation: what ``validate`` generates (``DomainStudioValidation``); ``None`` for a run without validation.
 
     ``last_terms`` holds the last call's terms, for logging.
@@ -159,34 +175,33 @@ class DomainStudioObjective:
         return tuple(s.to(device=like.device, dtype=torch.float32).view(-1, *[1] * (like.dim() - 1))
                      for s in self.alpha_sigma(timesteps.cpu()))
 
-    def _denoising_loss(self, model, latents, prompt_embeds, generator) -> torch.Tensor:
-        timesteps = torch.randint(0, self.num_train_timesteps, (latents.shape[0],), generator=generator)
+    def _noised(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, timesteps: torch.Tensor,
+                generator: torch.Generator) -> NoisyBatch:
         noise = torch.randn(latents.shape, generator=generator).to(latents.device, torch.float32)
         alpha, sigma = self._coefficients(timesteps, latents)
         noisy = (alpha * latents.float() + sigma * noise).to(latents.dtype)
-        prediction = model(noisy, timesteps.to(latents.device), encoder_hidden_states=prompt_embeds).sample.float()
-        target = prediction_from_x0_and_eps(latents.float(), noise, alpha, sigma, self.prediction_type)
-        return F.mse_loss(prediction, target)
+        return NoisyBatch(latents, prompt_embeds, timesteps.to(latents.device), noise, noisy, alpha, sigma)
 
-    def _denoised(self, model, noisy, timesteps, prompt_embeds, alpha, sigma) -> torch.Tensor:
-        prediction = model(noisy, timesteps, encoder_hidden_states=prompt_embeds).sample.float()
-        x0, _ = x0_and_eps_from_prediction(prediction, noisy.float(), alpha, sigma, self.prediction_type)
+    def _frozen_models_to(self, device: torch.device) -> None:
+        """Put the source model and the VAE on the batch's device: they are built on the CPU, and the trainer moves
+        only the trained model (a no-op after the first step)."""
+        for frozen in (self.source_model, self.vae):
+            if frozen is not None and next(frozen.parameters()).device != device:
+                frozen.to(device)
+
+    def _x0(self, prediction: torch.Tensor, noisy: NoisyBatch) -> torch.Tensor:
+        x0, _ = x0_and_eps_from_prediction(prediction.float(), noisy.noisy.float(), noisy.alpha, noisy.sigma,
+                                           self.prediction_type)
         return x0
 
-    def _source_denoised(self, model, noisy, timesteps, prompt_embeds, alpha, sigma) -> torch.Tensor:
-        with torch.no_grad():
-            if self.source_model is not None:
-                return self._denoised(self.source_model, noisy, timesteps, prompt_embeds, alpha, sigma)
-            unwrapped = getattr(model, "module", model)
-            if not getattr(unwrapped, "peft_config", None):
-                raise ValueError("the relative-distance terms need the frozen source model: train a LoRA adapter "
-                                 "(TrainingConfig.lora_rank; the source is the model with adapters disabled) or "
-                                 "pass source_model= a frozen copy of the model for full fine-tuning")
-            unwrapped.disable_adapters()
-            try:
-                return self._denoised(model, noisy, timesteps, prompt_embeds, alpha, sigma)
-            finally:
-                unwrapped.enable_adapters()
+    def _source_denoised(self, model: torch.nn.Module, noisy: NoisyBatch, source_embeds: torch.Tensor
+                         ) -> torch.Tensor:
+        if self.source_model is not None:
+            prediction = self.source_model(noisy.noisy, noisy.timesteps, encoder_hidden_states=source_embeds).sample
+            return self._x0(prediction, noisy)
+        with adapters_disabled(model, SOURCE_MODEL_USE) as source:
+            prediction = source(noisy.noisy, noisy.timesteps, encoder_hidden_states=source_embeds).sample
+        return self._x0(prediction, noisy)
 
     def _view(self, latents: torch.Tensor) -> torch.Tensor:
         """What the relative-distance and high-frequency terms compare: the latents, or their VAE decoding."""
@@ -194,39 +209,60 @@ class DomainStudioObjective:
             return latents
         return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample.float()
 
-    def loss(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor], generator: torch.Generator
-             ) -> torch.Tensor:
-        latents, prompt_embeds = batch["latents"], batch["prompt_embeds"]
-        pairwise = self.relative_distance_weight > 0 or self.hf_relative_distance_weight > 0
+    def _check_batch(self, batch: Mapping[str, torch.Tensor], pairwise: bool) -> None:
         for key, needed in (("class_latents", self.prior_weight > 0),
                             ("class_prompt_embeds", self.prior_weight > 0 or pairwise)):
             if needed and key not in batch:
                 raise ValueError(f"the batch has no {key!r}, which prior_weight > 0 or a relative-distance term needs; "
                                  f"set that weight to 0 or add it to the data set (keys: {sorted(batch)})")
-        if pairwise and latents.shape[0] < 2:
+        if pairwise and batch["latents"].shape[0] < 2:
             raise ValueError(f"the relative-distance terms compare samples pairwise: batch_size must be >= 2, got "
-                             f"{latents.shape[0]}")
+                             f"{batch['latents'].shape[0]}")
+        if self.prior_weight > 0 and batch["class_prompt_embeds"].shape[1:] != batch["prompt_embeds"].shape[1:]:
+            raise ValueError("the instance and prior predictions run in one forward pass: prompt_embeds and "
+                             f"class_prompt_embeds need one (L, E) shape, got {tuple(batch['prompt_embeds'].shape)} "
+                             f"and {tuple(batch['class_prompt_embeds'].shape)}")
+
+    def loss(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor], generator: torch.Generator
+             ) -> torch.Tensor:
+        latents, prompt_embeds = batch["latents"], batch["prompt_embeds"]
+        pairwise = self.relative_distance_weight > 0 or self.hf_relative_distance_weight > 0
+        self._check_batch(batch, pairwise)
+        self._frozen_models_to(latents.device)
+        size = latents.shape[0]
         # Random draws, in order: instance timesteps and noise, prior ones, the shared timestep and its noise.
-        loss = self._denoising_loss(model, latents, prompt_embeds, generator)
-        self.last_terms = {"denoising_loss": float(loss.detach())}
+        parts = {"denoising_loss": self._noised(latents, prompt_embeds, self._timesteps(size, generator), generator)}
         if self.prior_weight > 0:
-            prior = self._denoising_loss(model, batch["class_latents"], batch["class_prompt_embeds"], generator)
-            loss = loss + self.prior_weight * prior
-            self.last_terms["prior_loss"] = float(prior.detach())
-        if not (pairwise or self.hf_mse_weight > 0):
+            class_latents = batch["class_latents"]
+            parts["prior_loss"] = self._noised(class_latents, batch["class_prompt_embeds"],
+                                               self._timesteps(class_latents.shape[0], generator), generator)
+        if pairwise or self.hf_mse_weight > 0:
+            shared = torch.randint(0, self.num_train_timesteps, (1,), generator=generator).expand(size)
+            parts["shared"] = self._noised(latents, prompt_embeds, shared, generator)
+        # One forward pass of the trained model for every term, as DreamBooth's script batches instance and prior
+        # images: one pass through the distributed wrapper per step.
+        predictions = dict(zip(parts, model(
+            torch.cat([p.noisy for p in parts.values()]), torch.cat([p.timesteps for p in parts.values()]),
+            encoder_hidden_states=torch.cat([p.prompt_embeds for p in parts.values()]),
+        ).sample.float().split([p.noisy.shape[0] for p in parts.values()]), strict=True))
+
+        loss, self.last_terms = 0.0, {}
+        for name, weight in (("denoising_loss", 1.0), ("prior_loss", self.prior_weight)):
+            if name in parts:
+                noisy = parts[name]
+                target = prediction_from_x0_and_eps(noisy.latents.float(), noisy.noise, noisy.alpha, noisy.sigma,
+                                                    self.prediction_type)
+                term = F.mse_loss(predictions[name], target)
+                loss = loss + weight * term
+                self.last_terms[name] = float(term.detach())
+        if "shared" not in parts:
             return loss
 
-        timestep = torch.randint(0, self.num_train_timesteps, (1,), generator=generator)
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device, torch.float32)
-        timesteps = timestep.expand(latents.shape[0])
-        alpha, sigma = self._coefficients(timesteps, latents)
-        noisy = (alpha * latents.float() + sigma * noise).to(latents.dtype)
-        timesteps = timesteps.to(latents.device)
-        adapted = self._view(self._denoised(model, noisy, timesteps, prompt_embeds, alpha, sigma))
+        adapted = self._view(self._x0(predictions["shared"], parts["shared"]))
         adapted_details = high_frequency(adapted)
         if pairwise:
-            source = self._view(self._source_denoised(model, noisy, timesteps, batch["class_prompt_embeds"], alpha,
-                                                      sigma))
+            with torch.no_grad():  # the VAE decoding of the source too
+                source = self._view(self._source_denoised(model, parts["shared"], batch["class_prompt_embeds"]))
             relative = relative_distance_loss(adapted, source)
             details = relative_distance_loss(adapted_details, high_frequency(source))
             loss = loss + self.relative_distance_weight * relative + self.hf_relative_distance_weight * details
@@ -240,37 +276,22 @@ class DomainStudioObjective:
             self.last_terms["hf_mse"] = float(hf_mse.detach())
         return loss
 
+    def _timesteps(self, size: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, self.num_train_timesteps, (size,), generator=generator)
+
     def validate(self, model: torch.nn.Module, step: int, output_dir: Path) -> list[Any]:
         if self.validation is None:
             raise ValueError("this DomainStudioObjective was built without validation=DomainStudioValidation(...)")
         return self.validation(model)
 
 
-def sample_images(pipeline: Any, prompt_embeds: torch.Tensor, seeds: Sequence[int], *, output_type: str = "pt",
-                  **pipeline_kwargs: Any) -> Any:
-    """One image per seed (``torch.Generator().manual_seed(seed)`` each) from one prompt's embeddings (1, L, E),
-    in one pipeline call: ``(N, 3, H, W)`` in [0, 1] for ``output_type="pt"``, a list of PIL images for ``"pil"``.
-    ``pipeline_kwargs``: ``num_inference_steps``, ``guidance_scale``, ``negative_prompt_embeds``, ``height``, ..."""
-    if not seeds:
-        raise ValueError("sample_images needs at least one seed")
-    if prompt_embeds.dim() != 3 or prompt_embeds.shape[0] != 1:
-        raise ValueError(f"prompt_embeds must be one prompt's embeddings, (1, L, E), got {tuple(prompt_embeds.shape)}")
-    reserved = sorted(set(pipeline_kwargs) & set(RESERVED_PIPELINE_ARGUMENTS))
-    if reserved:
-        raise ValueError(f"sample_images sets {reserved} itself; do not pass them")
-    generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
-    return pipeline(prompt_embeds=prompt_embeds, num_images_per_prompt=len(generators), generator=generators,
-                    output_type=output_type, **pipeline_kwargs).images
-
-
 def pairwise_diversity(images: torch.Tensor) -> float:
-    """The mean over pairs ``i < j`` of ``sqrt(mean (I_i - I_j)^2)``: intra-set diversity (the offline stand-in for
-    the paper's intra-cluster LPIPS)."""
+    """The mean over pairs ``i < j`` of ``sqrt(mean (I_i - I_j)^2)`` (``smooth_lora.pixel_rms_distance``, in float64):
+    intra-set diversity (the offline stand-in for the paper's intra-cluster LPIPS)."""
     if images.shape[0] < 2:
         raise ValueError(f"pairwise diversity needs at least 2 images, got {images.shape[0]}")
-    flat = images.double().flatten(1)
-    distances = [(flat[i] - flat[j]).pow(2).mean().sqrt() for i, j in itertools.combinations(range(len(flat)), 2)]
-    return float(torch.stack(distances).mean())
+    first, second = torch.triu_indices(len(images), len(images), offset=1)
+    return float(pixel_rms_distance(images[first].double(), images[second].double()).mean())
 
 
 @dataclass
@@ -294,13 +315,8 @@ class DomainStudioValidation:
             raise ValueError("DomainStudioValidation needs at least one seed")
 
     def __call__(self, unet: torch.nn.Module) -> list[Any]:
-        stock_unet = self.pipeline.unet
-        self.pipeline.unet = unet
-        try:
-            return sample_images(self.pipeline, self.prompt_embeds, self.seeds, output_type="pil",
-                                 **self.pipeline_kwargs)
-        finally:
-            self.pipeline.unet = stock_unet
+        with unet_swapped(self.pipeline, unet) as pipeline:
+            return sample_images(pipeline, self.prompt_embeds, self.seeds, output_type="pil", **self.pipeline_kwargs)
 
 
 class FewShotDomainLatents(Dataset):
@@ -327,20 +343,6 @@ class FewShotDomainLatents(Dataset):
         return {"latents": self.latents[index % len(self.latents)], "prompt_embeds": self.target_prompt_embeds,
                 "class_latents": self.class_latents[index % len(self.class_latents)],
                 "class_prompt_embeds": self.source_prompt_embeds}
-
-
-def toy_unet(seed: int = 0) -> Any:
-    """A tiny random ``UNet2DConditionModel`` (4 x 8 x 8 latents, 32-wide text embeddings), the same for the same
-    ``seed``: the base model of ``toy_run``."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        block_out_channels=(8, 16), layers_per_block=1, sample_size=TOY_LATENT_SHAPE[-1],
-        in_channels=TOY_LATENT_SHAPE[0], out_channels=TOY_LATENT_SHAPE[0],
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=TOY_TEXT_SHAPE[-1], attention_head_dim=4, norm_num_groups=4,
-    )
 
 
 def toy_run(config: Any, args: Any = None) -> tuple[DomainStudioObjective, torch.nn.Module, Dataset]:

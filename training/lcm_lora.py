@@ -36,7 +36,6 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from accelerate.utils import extract_model_from_parallel
 
 from ..diffusion_math import (
     ddim_step,
@@ -45,6 +44,7 @@ from ..diffusion_math import (
     vp_alphas_cumprod,
     x0_and_eps_from_prediction,
 )
+from .lora import adapters_disabled, lora_base_model, sample_images
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -57,6 +57,8 @@ LCM_LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_
                            "time_emb_proj"]
 # LCMScheduler supports these three parameterisations, so a student trained on any other could not be sampled.
 LCM_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+TEACHER_USE = ("the lcm-lora method distils into a LoRA adapter of a diffusers model and uses the model without it as "
+               "the teacher")
 
 
 def lcm_boundary_scalings(timesteps: torch.Tensor, sigma_data: float = 0.5,
@@ -160,7 +162,7 @@ class LCMLoRADistillation:
 
     def loss(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
              generator: torch.Generator) -> torch.Tensor:
-        unet = adapted_unet(model)
+        unet = lora_base_model(model, TEACHER_USE)
         x0 = batch["latents"]
         prompt_embeds = batch["prompt_embeds"]
         size, device = x0.shape[0], x0.device
@@ -181,10 +183,9 @@ class LCMLoRADistillation:
         start, end = start.to(device), end.to(device)
 
         with torch.no_grad():
-            unet.disable_adapters()
-            try:
+            with adapters_disabled(unet, TEACHER_USE) as base:
                 if guided:
-                    teacher = unet(torch.cat([noisy, noisy]), torch.cat([start, start]),
+                    teacher = base(torch.cat([noisy, noisy]), torch.cat([start, start]),
                                    encoder_hidden_states=torch.cat([prompt_embeds, batch["negative_prompt_embeds"]])
                                    ).sample.to(x0.dtype)
                     conditional, unconditional = teacher.chunk(2)
@@ -193,9 +194,7 @@ class LCMLoRADistillation:
                     # summing to 1), so guiding the prediction guides x0 and eps alike.
                     teacher = unconditional + w * (conditional - unconditional)
                 else:
-                    teacher = unet(noisy, start, encoder_hidden_states=prompt_embeds).sample.to(x0.dtype)
-            finally:
-                unet.enable_adapters()
+                    teacher = base(noisy, start, encoder_hidden_states=prompt_embeds).sample.to(x0.dtype)
             teacher_x0, teacher_eps = x0_and_eps_from_prediction(teacher, noisy, alpha_start, sigma_start,
                                                                  self.prediction_type)
             previous = ddim_step(teacher_x0, teacher_eps, alpha_start, sigma_start, alpha_end, sigma_end, eta=0)
@@ -228,7 +227,7 @@ class LCMLoRADistillation:
         if self.validation_pipeline is None:
             raise ValueError("the lcm-lora method validates only with validation_pipeline and "
                              "validation_prompt_embeds")
-        pipeline = lcm_lora_pipeline(self.validation_pipeline, unet=adapted_unet(model),
+        pipeline = lcm_lora_pipeline(self.validation_pipeline, unet=lora_base_model(model, TEACHER_USE),
                                      original_inference_steps=self.num_ddim_timesteps,
                                      timestep_scaling=self.timestep_scaling)
         return lcm_lora_sample(pipeline, self.validation_prompt_embeds, self.validation_seeds,
@@ -237,12 +236,11 @@ class LCMLoRADistillation:
 
 def lcm_lora_sample(pipeline: Any, prompt_embeds: torch.Tensor, seeds: Sequence[int], num_inference_steps: int = 4,
                     output_type: str = "pil") -> Any:
-    """One image per seed (each from its own ``torch.Generator().manual_seed(seed)``) of one prompt at
-    ``guidance_scale=1``, in one batch: ``validate``'s call, for reproducing it with a stock pipeline that
+    """One image per seed (each from its own ``torch.Generator().manual_seed(seed)``, ``lora.sample_images``) of one
+    prompt at ``guidance_scale=1``, in one batch: ``validate``'s call, for reproducing it with a stock pipeline that
     ``load_lora_weights`` the saved adapter (and has ``LCMScheduler``)."""
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    return pipeline(prompt_embeds=prompt_embeds, num_images_per_prompt=len(seeds), generator=generators,
-                    num_inference_steps=num_inference_steps, guidance_scale=1.0, output_type=output_type).images
+    return sample_images(pipeline, prompt_embeds, seeds, output_type=output_type,
+                         num_inference_steps=num_inference_steps, guidance_scale=1.0)
 
 
 @torch.no_grad()
@@ -270,17 +268,6 @@ def teacher_samples(unet: torch.nn.Module, scheduler_config: Mapping[str, Any], 
             latents = scheduler.step(guided, t, latents).prev_sample
         samples.append(latents.cpu())
     return torch.cat(samples)
-
-
-def adapted_unet(model: torch.nn.Module) -> torch.nn.Module:
-    """The diffusers model inside the trainer's wrapper, checked to carry the LoRA adapter whose disabling gives the
-    teacher."""
-    unet = extract_model_from_parallel(model)
-    if not (callable(getattr(unet, "disable_adapters", None)) and getattr(unet, "peft_config", None)):
-        raise ValueError(f"the lcm-lora method distils into a LoRA adapter of a diffusers model and uses the model "
-                         f"without it as the teacher, but this {type(unet).__name__} has no diffusers LoRA adapter; "
-                         "train it with TrainingConfig(lora_rank=...)")
-    return unet
 
 
 def toy_run(config: Any, args: Any = None) -> tuple[LCMLoRADistillation, torch.nn.Module, list[dict]]:

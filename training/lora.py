@@ -1,19 +1,24 @@
 """Save a LoRA adapter trained on a diffusers model the way diffusers' own training scripts do, so that stock
 diffusers loads it with ``pipe.load_lora_weights(folder_or_repo)``: ``pytorch_lora_weights.safetensors`` in
 diffusers' key format, with the adapter's PEFT config as metadata (without it the loader assumes
-``lora_alpha == rank`` and a model trained with another alpha comes back scaled wrongly), and a model card.
+``lora_alpha == rank`` and a model trained with another alpha comes back scaled wrongly), and a model card. Also the
+pieces the LoRA methods share: the model with its adapter turned off (``adapters_disabled``, the frozen base model),
+a trained UNet swapped into a pipeline for validation (``unet_swapped``), and seeded sampling (``sample_images``).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from accelerate.utils import extract_model_from_parallel
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from huggingface_hub import HfApi, ModelCard
 from peft.utils import get_peft_model_state_dict
@@ -23,6 +28,60 @@ from .trainer import TrainingConfig
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 CARD_TEMPLATE = "trainer"
+# The pipeline arguments sample_images sets itself.
+RESERVED_SAMPLING_ARGUMENTS = ("prompt_embeds", "generator", "num_images_per_prompt", "output_type", "return_dict")
+DEFAULT_BASE_MODEL_USE = "the frozen base model is this model with its LoRA adapter turned off"
+
+
+def lora_base_model(model: torch.nn.Module, use: str = DEFAULT_BASE_MODEL_USE) -> torch.nn.Module:
+    """The diffusers model inside the trainer's (possibly distributed) wrapper, checked to carry a diffusers LoRA
+    adapter, whose disabling gives the frozen base model; ``use`` says what needs it, for the error."""
+    unwrapped = extract_model_from_parallel(model)
+    if not (callable(getattr(unwrapped, "disable_adapters", None)) and getattr(unwrapped, "peft_config", None)):
+        raise ValueError(f"{use}, but this {type(unwrapped).__name__} has no diffusers LoRA adapter; train it with "
+                         "TrainingConfig(lora_rank=...)")
+    return unwrapped
+
+
+@contextmanager
+def adapters_disabled(model: torch.nn.Module, use: str = DEFAULT_BASE_MODEL_USE) -> Iterator[torch.nn.Module]:
+    """The frozen base model for the block: ``model`` unwrapped (``lora_base_model``) with diffusers'
+    ``disable_adapters``, and ``enable_adapters`` afterwards, even if the block raises."""
+    unwrapped = lora_base_model(model, use)
+    unwrapped.disable_adapters()
+    try:
+        yield unwrapped
+    finally:
+        unwrapped.enable_adapters()
+
+
+@contextmanager
+def unet_swapped(pipeline: Any, unet: torch.nn.Module) -> Iterator[Any]:
+    """``pipeline`` with ``unet`` (unwrapped from the trainer's wrapper) in place of its own for the block, and its
+    own put back afterwards: how validation samples the model being trained with a stock pipeline's other parts."""
+    stock_unet = pipeline.unet
+    pipeline.unet = extract_model_from_parallel(unet)
+    try:
+        yield pipeline
+    finally:
+        pipeline.unet = stock_unet
+
+
+def sample_images(pipeline: Any, prompt_embeds: torch.Tensor, seeds: Sequence[int], *, output_type: str = "pt",
+                  **pipeline_kwargs: Any) -> Any:
+    """One image per seed (``torch.Generator().manual_seed(seed)`` each) from one prompt's embeddings (1, L, E),
+    in one pipeline call: ``(N, 3, H, W)`` in [0, 1] for ``output_type="pt"``, a list of PIL images for ``"pil"``.
+    ``pipeline_kwargs``: ``num_inference_steps``, ``guidance_scale``, ``negative_prompt_embeds``, ``height``, ..."""
+    if not seeds:
+        raise ValueError("sample_images needs at least one seed")
+    if prompt_embeds.dim() != 3 or prompt_embeds.shape[0] != 1:
+        raise ValueError(f"prompt_embeds must be one prompt's embeddings, (1, L, E), got {tuple(prompt_embeds.shape)}")
+    reserved = sorted(set(pipeline_kwargs) & set(RESERVED_SAMPLING_ARGUMENTS))
+    if reserved:
+        raise ValueError(f"sample_images sets {reserved} itself; do not pass them")
+    generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+    return pipeline(prompt_embeds=prompt_embeds, num_images_per_prompt=len(generators), generator=generators,
+                    output_type=output_type, **pipeline_kwargs).images
 
 
 def _adapter_config(model: torch.nn.Module, adapter_name: str) -> Any:

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import Dataset
 
@@ -54,6 +55,7 @@ from ..diffusion_math import (
     prediction_from_x0_and_eps,
     x0_and_eps_from_prediction,
 )
+from .lora import unet_swapped
 
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Below this angle between the two noises slerp is numerically lerp; the official interpolation code's threshold.
@@ -114,7 +116,7 @@ class SmoothLoRAObjective:
         timesteps = torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator).to(device)
         noise = torch.randn(latents.shape, generator=generator, dtype=dtype).to(device)
         regularize = self.regularization_weight > 0
-        if regularize and getattr(getattr(model, "module", model), "is_gradient_checkpointing", False):
+        if regularize and getattr(extract_model_from_parallel(model), "is_gradient_checkpointing", False):
             # The recomputation in the trainer's backward would run outside the math-attention context below.
             raise ValueError("the step-wise variation regulariser (regularization_weight > 0) does not support "
                              "gradient_checkpointing: turn it off")
@@ -176,13 +178,9 @@ class ISTDValidation:
         _check_num_points(self.num_points)
 
     def __call__(self, unet: torch.nn.Module) -> dict[str, float]:
-        stock_unet = self.pipeline.unet
-        self.pipeline.unet = unet
-        try:
-            distances = [interpolation_distances(self.pipeline, self.prompt_embeds, a, b, self.num_points,
+        with unet_swapped(self.pipeline, unet) as pipeline:
+            distances = [interpolation_distances(pipeline, self.prompt_embeds, a, b, self.num_points,
                                                  **self.pipeline_kwargs) for a, b in self.noise_pairs]
-        finally:
-            self.pipeline.unet = stock_unet
         # The mean step tells a smoother path from one that merely moves less.
         return {"istd": sum(float(d.std(correction=0)) for d in distances) / len(distances),
                 "mean_distance": sum(float(d.mean()) for d in distances) / len(distances)}

@@ -45,24 +45,27 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch.utils.data import Dataset
 
 from ..diffusion_math import noise_path_from_scheduler_config
+from .lora import LORA_WEIGHTS_NAME, adapters_disabled, lora_base_model, save_lora_weights, unet_swapped
 
 # Every Linear / Conv2d inside a Transformer2DModel (the official SPMNetwork's targets), as PEFT name suffixes.
 SPM_TARGET_MODULES = ["proj_in", "proj_out", "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 SPM_METADATA_NAME = "spm.json"
 # The arguments SPMTransport sets itself: the transport needs the prompt's text.
 RESERVED_PIPELINE_ARGUMENTS = ("prompt", "prompt_embeds")
-# Stable Diffusion's noise schedule as a DDIM sampler (the official ``noise_scheduler: ddim``).
-STABLE_DIFFUSION_DDIM = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-                         "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
+# The official ``create_noise_scheduler("ddim")``: Stable Diffusion's betas, no clipping, and diffusers' defaults
+# otherwise (``set_alpha_to_one=True``, ``steps_offset=0``, unlike the scheduler config shipped with Stable Diffusion).
+SPM_DDIM = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False}
+MEMBRANE_USE = ("SPM trains one membrane (a rank-1 LoRA adapter) and takes the frozen model as the model with it "
+                "turned off")
 
 
 def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,11 +89,12 @@ def _check_concept(concept: Any, what: str = "concept") -> str:
 class SPMConceptData(Dataset):
     """One concept's text embeddings, the items ``SPMObjective`` trains on: ``{"target_embeds": c_tar,
     "surrogate_embeds": c_sur, "unconditional_embeds": c_0}``, each ``(L, E)``. One item: a batch holds one concept,
-    as in the official code (train one membrane per concept)."""
+    as in the official code (train one membrane per concept). Kept on the CPU, as data sets are: the trainer moves
+    batches to the model's device."""
 
     def __init__(self, tokenizer: Any, text_encoder: Any, concept: str, surrogate: str = ""):
         self.concept = _check_concept(concept)
-        embeddings, _ = encode_prompts(tokenizer, text_encoder, [concept, surrogate, ""])
+        embeddings = encode_prompts(tokenizer, text_encoder, [concept, surrogate, ""])[0].cpu()
         self.item = dict(zip(("target_embeds", "surrogate_embeds", "unconditional_embeds"), embeddings, strict=True))
 
     def __len__(self) -> int:
@@ -105,42 +109,32 @@ class SPMConceptData(Dataset):
 def sample_anchor_embeddings(target_embeds: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
     """``count`` anchors ``(count, L, E)`` around one concept's embedding ``(L, E)`` (the official ``sample``): a
     uniformly random direction ``u``, kept with probability ``1 - cos(c_tar, u)`` (so rarely near the concept),
-    scaled to ``U[0.8, 1.2]`` times the concept's norm."""
+    scaled to ``U[0.8, 1.2]`` times the concept's norm. ``count = 0`` gives an empty ``(0, L, E)``."""
     flat = target_embeds.detach().flatten().float().cpu()
-    anchors = []
+    if not flat.norm() > 0:
+        # Anchors are scaled to the concept's norm and kept by their angle to it: neither exists for a zero (or
+        # non-finite) embedding, and the rejection loop below would never accept a draw.
+        raise ValueError(f"latent anchoring needs a concept embedding with a finite, non-zero norm, got norm "
+                         f"{float(flat.norm())}")
+    anchors = flat.new_empty(0, flat.numel())
     while len(anchors) < count:
         direction = torch.randn(flat.shape, generator=generator)
         direction = direction / direction.norm()
         if torch.rand((), generator=generator) < 1 - torch.dot(flat, direction) / flat.norm():
             scale = 0.8 + 0.4 * torch.rand((), generator=generator)
-            anchors.append(scale * flat.norm() * direction)
-    return torch.stack(anchors).view(count, *target_embeds.shape).to(target_embeds)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)  # accelerate's DDP wrapper
+            anchors = torch.cat([anchors, (scale * flat.norm() * direction)[None]])
+    return anchors.view(count, *target_embeds.shape).to(target_embeds)
 
 
 def check_membrane(model: torch.nn.Module) -> None:
     """A ``ValueError`` unless ``model`` carries exactly one rank-1 LoRA adapter (the trainer's, ``lora_rank=1``)."""
-    configs = getattr(_unwrap(model), "peft_config", None) or {}
+    configs = lora_base_model(model, MEMBRANE_USE).peft_config
     if len(configs) != 1:
         raise ValueError(f"SPM trains one membrane (a rank-1 LoRA adapter), found adapters {sorted(configs)}; train "
                          "with TrainingConfig(lora_rank=1, lora_target_modules=SPM_TARGET_MODULES)")
     (config,) = configs.values()
     if config.r != 1:
         raise ValueError(f"SPM membranes are one-dimensional: train with lora_rank=1, got rank {config.r}")
-
-
-@contextmanager
-def adapters_disabled(model: torch.nn.Module):
-    """The frozen base model: diffusers' ``disable_adapters`` for the block, ``enable_adapters`` after."""
-    unet = _unwrap(model)
-    unet.disable_adapters()
-    try:
-        yield
-    finally:
-        unet.enable_adapters()
 
 
 class SPMObjective:
@@ -194,7 +188,8 @@ class SPMObjective:
         """``(x_t, t)``: ``k ~ U{1, ..., S - 1}`` guided DDIM steps of the membrane model from fresh noise towards
         the concept (the official code's draw), ``t = T - 1 - floor(k T / S)``."""
         target, unconditional = batch["target_embeds"], batch["unconditional_embeds"]
-        unet = _unwrap(model)
+        # Without gradients the unwrapped model computes the same, without the distributed wrapper's work.
+        unet = extract_model_from_parallel(model)
         shape = (target.shape[0], unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
         steps = int(torch.randint(1, self.denoising_steps, (1,), generator=generator))
         latents = torch.randn(shape, generator=generator).to(target) * self.sampler.init_noise_sigma
@@ -202,7 +197,7 @@ class SPMObjective:
         both = torch.cat([unconditional, target])
         for timestep in self.sampler.timesteps[:steps]:
             model_input = self.sampler.scale_model_input(torch.cat([latents, latents]), timestep)
-            uncond, cond = model(model_input, timestep, encoder_hidden_states=both).sample.chunk(2)
+            uncond, cond = unet(model_input, timestep, encoder_hidden_states=both).sample.chunk(2)
             guided = uncond + self.sampling_guidance_scale * (cond - uncond)
             latents = self.sampler.step(guided, timestep, latents).prev_sample
         timestep = self.num_train_timesteps - 1 - steps * self.num_train_timesteps // self.denoising_steps
@@ -221,8 +216,8 @@ class SPMObjective:
         anchor_noisy = noisy.repeat_interleave(self.num_anchors, dim=0)
         anchor_timesteps = timesteps.repeat_interleave(self.num_anchors)
         batch_size = target.shape[0]
-        with torch.no_grad(), adapters_disabled(model):
-            frozen = model(torch.cat([noisy, noisy, anchor_noisy]), torch.cat([timesteps, timesteps, anchor_timesteps]),
+        with torch.no_grad(), adapters_disabled(model, MEMBRANE_USE) as frozen_model:
+            frozen = frozen_model(torch.cat([noisy, noisy, anchor_noisy]), torch.cat([timesteps, timesteps, anchor_timesteps]),
                            encoder_hidden_states=torch.cat([target, surrogate, anchors])).sample.float()
         concept_frozen, surrogate_frozen, anchor_frozen = frozen.split([batch_size, batch_size, len(anchors)])
         adapted = model(torch.cat([noisy, anchor_noisy]), torch.cat([timesteps, anchor_timesteps]),
@@ -262,9 +257,15 @@ def transport_scale(prompt_embeds: torch.Tensor, prompt_ids: torch.Tensor, conce
 class SPMTransport:
     """A text-to-image pipeline with SPM membranes loaded as LoRA adapters ``adapter_names`` (erasing ``concepts``),
     called like the pipeline with one prompt: ``transport("a photo of a cat", generator=..., ...)`` sets each
-    membrane's weight to its facilitated-transport scale for that prompt (``pipe.set_adapters``), then runs
+    membrane's weight to its facilitated-transport scale for that prompt (``pipe.unet.set_adapters``), then runs
     ``pipe(prompt=..., **kwargs)``. ``facilitated_transport=False`` runs every membrane at full strength (the
-    official notebook's mode). ``scales(prompt)`` gives the weights without generating."""
+    official notebook's mode). ``scales(prompt)`` gives the weights without generating.
+
+    Other LoRA adapters of the UNet that are active stay active with the weights they had: diffusers 0.42 names the
+    active adapters (``active_adapters``) but cannot read their weights back, and its ``set_adapters`` resets the
+    weight of every adapter it is given, so the transport keeps each of their per-layer PEFT scales (``scaling``,
+    block-wise weights included) and puts them back after activating the membranes. Inactive adapters stay
+    inactive, and adapters of the text encoders are not touched."""
 
     def __init__(self, pipe: Any, adapter_names: Sequence[str], concepts: Sequence[str],
                  facilitated_transport: bool = True):
@@ -294,8 +295,22 @@ class SPMTransport:
         reserved = sorted(set(pipeline_kwargs) & set(RESERVED_PIPELINE_ARGUMENTS))
         if reserved:
             raise ValueError(f"SPMTransport passes the prompt itself; do not pass {reserved}")
-        self.pipe.set_adapters(self.adapter_names, adapter_weights=self.scales(prompt))
+        activate_membranes(self.pipe.unet, self.adapter_names, self.scales(prompt))
         return self.pipe(prompt=prompt, **pipeline_kwargs)
+
+
+def activate_membranes(unet: torch.nn.Module, membranes: Sequence[str], weights: Sequence[float]) -> None:
+    """``unet.set_adapters`` with the ``membranes`` at ``weights`` and the UNet's other active adapters at the
+    per-layer scales they had (``SPMTransport``'s docstring says why)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    active = unet.active_adapters()
+    others = [name for name in ([active] if isinstance(active, str) else active) if name not in membranes]
+    layers = [module for module in unet.modules() if isinstance(module, BaseTunerLayer)]
+    kept = [(layer, name, layer.scaling[name]) for layer in layers for name in others if name in layer.scaling]
+    unet.set_adapters([*others, *membranes], [1.0] * len(others) + list(weights))
+    for layer, name, scale in kept:
+        layer.scaling[name] = scale
 
 
 @dataclass
@@ -317,16 +332,15 @@ class SPMValidation:
 
     def __call__(self, unet: torch.nn.Module) -> list:
         check_membrane(unet)
+        unet = extract_model_from_parallel(unet)
         (adapter_name,) = unet.peft_config
-        stock_unet = self.pipeline.unet
-        self.pipeline.unet = unet
-        try:
-            transport = SPMTransport(self.pipeline, [adapter_name], [self.concept])
-            return [transport(prompt, generator=torch.Generator().manual_seed(self.seed), output_type="pil",
-                              **self.pipeline_kwargs).images[0] for prompt in self.prompts]
-        finally:
-            unet.set_adapters([adapter_name], [1.0])
-            self.pipeline.unet = stock_unet
+        with unet_swapped(self.pipeline, unet) as pipeline:
+            try:
+                transport = SPMTransport(pipeline, [adapter_name], [self.concept])
+                return [transport(prompt, generator=torch.Generator().manual_seed(self.seed), output_type="pil",
+                                  **self.pipeline_kwargs).images[0] for prompt in self.prompts]
+            finally:
+                unet.set_adapters([adapter_name], [1.0])
 
 
 def save_spm(model: torch.nn.Module, folder: str | os.PathLike, *, concept: str, config: Any,
@@ -334,8 +348,6 @@ def save_spm(model: torch.nn.Module, folder: str | os.PathLike, *, concept: str,
     """The trained membrane in diffusers' LoRA format (``training.lora.save_lora_weights``: safetensors with the
     adapter config as metadata, ``pipe.load_lora_weights`` reads it) plus ``spm.json`` naming the erased concept, which
     ``load_spm`` needs for facilitated transport."""
-    from .lora import save_lora_weights
-
     _check_concept(concept)
     check_membrane(model)
     folder = save_lora_weights(model, folder, method_name=SPMObjective.name, config=config, adapter_name=adapter_name,
@@ -351,8 +363,6 @@ def load_spm(pipe: Any, folders: str | os.PathLike | Sequence[str | os.PathLike]
     the architecture they were trained on, not necessarily the same weights) and return the ``SPMTransport`` that
     generates with them. ``adapter_names`` default to ``spm_0, spm_1, ...`` (skipping names in use)."""
     from safetensors import safe_open
-
-    from .lora import LORA_WEIGHTS_NAME
 
     folders = [folders] if isinstance(folders, str | os.PathLike) else list(folders)
     if not folders:
@@ -383,8 +393,8 @@ def load_spm(pipe: Any, folders: str | os.PathLike | Sequence[str | os.PathLike]
 
 def toy_run(config: Any, args: Any = None) -> tuple[SPMObjective, torch.nn.Module, SPMConceptData]:
     """``diffusers-ext train spm``: erase ``"a cat"`` (surrogate ``""``) from ``smooth_lora.toy_unet(config.seed)``
-    with the tiny config-built CLIP (``diffusers_ext.testing``), official loss weights, ``S = 10`` DDIM steps for
-    ``x_t``. ``lora_rank`` and ``lora_target_modules`` left unset become 1 and ``SPM_TARGET_MODULES``."""
+    with the tiny config-built CLIP (``diffusers_ext.testing``), official loss weights, ``S = 10`` DDIM steps of the
+    official sampler (``SPM_DDIM``) for ``x_t``. ``lora_rank`` and ``lora_target_modules`` left unset become 1 and ``SPM_TARGET_MODULES``."""
     from diffusers import DDIMScheduler
 
     from ..testing import tiny_clip_text_encoder, tiny_clip_tokenizer
@@ -395,5 +405,5 @@ def toy_run(config: Any, args: Any = None) -> tuple[SPMObjective, torch.nn.Modul
     if config.lora_target_modules is None:
         config.lora_target_modules = list(SPM_TARGET_MODULES)
     dataset = SPMConceptData(tiny_clip_tokenizer(), tiny_clip_text_encoder(), "a cat")
-    method = SPMObjective(DDIMScheduler(**STABLE_DIFFUSION_DDIM), denoising_steps=10)
+    method = SPMObjective(DDIMScheduler(**SPM_DDIM), denoising_steps=10)
     return method, toy_unet(config.seed).train(), dataset
