@@ -26,6 +26,7 @@ from diffusers_ext.training.smooth_lora import toy_unet
 from diffusers_ext.training.spm import (
     SPM_DDIM,
     SPM_TARGET_MODULES,
+    TOY_ANCHOR_STRENGTH,
     SPMConceptData,
     SPMObjective,
     SPMTransport,
@@ -43,6 +44,8 @@ FRESH_DRAWS = range(200, 216)  # generator seeds for x_t that no training step u
 CONCEPT, NON_TARGET = "a cat", "a dog"
 
 
+
+
 def spm_config(folder, **overrides) -> TrainingConfig:
     values = dict(output_dir=str(folder), max_steps=150, batch_size=1, learning_rate=1e-2, lora_rank=1, lora_alpha=1,
                   lora_target_modules=SPM_TARGET_MODULES)
@@ -53,7 +56,7 @@ def train_membrane(folder, concept: str, **overrides) -> tuple:
     pipe = sd_pipeline(text_encoder=True)
     data = SPMConceptData(pipe.tokenizer, pipe.text_encoder, concept)
     config = spm_config(folder, **overrides)
-    method = SPMObjective(DDIMScheduler(**SPM_DDIM), denoising_steps=10)
+    method = SPMObjective(DDIMScheduler(**SPM_DDIM), denoising_steps=10, anchor_strength=TOY_ANCHOR_STRENGTH)
     result = Trainer(method, pipe.unet.train(), data, config).train()
     return save_spm(result.model, folder / "membrane", concept=concept, config=config), result
 
@@ -96,9 +99,9 @@ def test_spm_erases_the_concept_and_changes_a_non_target_prompt_less_on_held_out
               f"seeds; the two prompts' originals differ by {measured['between_prompts'].mean():.4f}")
     print(report)
     # The erased prompt's images leave its original images by more than the original gap between two different
-    # prompts (the scale of a concept change in this model). Measured: 0.030 vs 0.023.
+    # prompts (the scale of a concept change in this model). Measured: 0.032 vs 0.023.
     assert measured["erased"].mean() > measured["between_prompts"].mean(), report
-    # The non-target prompt moves at most 60% as far (measured 0.50 with transport, 0.64 without: the random CLIP
+    # The non-target prompt moves at most 60% as far (measured 0.44 with transport, 0.49 without: the random CLIP
     # makes "a dog" 0.82-similar to "a cat", so the membrane is 82% open for it), and less on most seeds.
     assert measured["non_target"].mean() < 0.6 * measured["erased"].mean(), report
     assert (measured["non_target"] < measured["erased"]).sum() > 3 * len(HELD_OUT_SEEDS) // 4, report
@@ -134,16 +137,11 @@ def prediction_figures(membrane) -> dict[str, torch.Tensor]:
     return {k: torch.stack(v) for k, v in figures.items()}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "measured: on 16 fresh x_t the erasing error ||eps(x_t, c_tar) - y|| rises from 0.303 (initial membrane) to 0.375 "
-    "(lower on 1/16 draws), and ||eps(x_t, c_tar) - eps0(x_t, c_sur)|| from 0.152 to 0.294; the prediction moves "
-    "0.37 of the way towards eps0(c_sur) on average (min -0.13), but a membrane trained with the sign flipped "
-    "(target eps0_sur + 3 (eps0_tar - eps0_sur)) gives 0.378, 0.290 and +0.14: at this toy scale (random tiny UNet, "
-    "150 steps at lr 1e-2, lambda = 1000) the trained membrane's effect on the concept's prediction does not follow "
-    "the sign of the erasing objective"))
 def test_the_erasing_error_drops_on_fresh_draws(cat_membrane):
     """The sign of erasing, as the objective states it: on fresh ``x_t`` the erasing error ``|| eps(x_t, c_tar) - y
-    ||`` is lower than at the initial membrane (an amplifying membrane would raise it)."""
+    ||`` is lower than at the initial membrane on nearly every draw, and the concept's prediction moves most of the way
+    towards the erasing target ``y`` (at 2 on the line from ``eps0(c_tar)`` (0) through ``eps0(c_sur)`` (1)); an
+    amplifying membrane would move it below 0. Measured: 0.303 -> 0.211, lower on 16/16, progress 1.82 (min 1.40)."""
     figures = prediction_figures(cat_membrane)
     report = (f"over {len(FRESH_DRAWS)} fresh x_t: erasing error ||eps(c_tar) - y|| {figures['erase_before'].mean():.4f} "
               f"-> {figures['erase_after'].mean():.4f} (lower on {(figures['erase_after'] < figures['erase_before']).sum()}"
@@ -153,7 +151,8 @@ def test_the_erasing_error_drops_on_fresh_draws(cat_membrane):
               f"mean {figures['progress'].mean():.3f}, min {figures['progress'].min():.3f}, max "
               f"{figures['progress'].max():.3f} (y is at 2)")
     print(report)
-    assert figures["erase_after"].mean() < figures["erase_before"].mean(), report
+    assert (figures["erase_after"] < figures["erase_before"]).sum() >= 14, report
+    assert figures["progress"].min() > 1, report
 
 
 def test_membrane_transfers_to_another_unet_of_the_same_architecture(cat_membrane):
