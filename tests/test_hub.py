@@ -10,6 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_oracle, seeded
@@ -190,3 +191,45 @@ def test_hub_id_round_trip_through_a_local_hub_server(tmp_path, local_hub, ddim_
     torch.testing.assert_close(torch.tensor(loaded["samples"]), expected)
     # It really came over HTTP into the fresh cache.
     assert list((tmp_path / "hf_home").rglob("diffusers_ext_unet.py"))
+
+
+LOAD_SPM_FROM_HUB = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from tiny_pipelines import sd_pipeline
+from diffusers_ext.training import load_spm
+transport = load_spm(sd_pipeline(text_encoder=True), "org/spm-cat", revision="main")
+images = transport("a cat", num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0)).images
+print(json.dumps({"scales": transport.scales("a dog"), "images": images.tolist()}))
+"""
+
+
+def test_an_spm_membrane_loads_by_hub_id_through_a_local_hub_server(tmp_path, local_hub):
+    from peft import LoraConfig
+    from tiny_pipelines import sd_pipeline
+
+    from diffusers_ext.training import TrainingConfig, load_spm, save_spm
+    from diffusers_ext.training.spm import SPM_TARGET_MODULES
+
+    endpoint, models = local_hub
+    unet = sd_pipeline(text_encoder=True).unet
+    torch.manual_seed(0)
+    unet.add_adapter(LoraConfig(r=1, lora_alpha=1, init_lora_weights="gaussian", target_modules=SPM_TARGET_MODULES))
+    for name, weight in unet.named_parameters():
+        if "lora_B" in name:  # a membrane that does something
+            weight.data.normal_(std=0.5)
+    repo = save_spm(unet, models / "org" / "spm-cat", concept="a cat", repo_id="org/spm-cat",
+                    config=TrainingConfig(lora_rank=1, lora_alpha=1, lora_target_modules=SPM_TARGET_MODULES))
+    assert "load_spm" in (repo / "README.md").read_text()
+    _commit_folder(repo)
+    local = load_spm(sd_pipeline(text_encoder=True), repo)
+    expected = local("a cat", num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    env = os.environ | {"HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env.pop("HF_HUB_OFFLINE", None)
+    result = subprocess.run([sys.executable, "-c", LOAD_SPM_FROM_HUB, str(Path(__file__).parent)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded["scales"] == local.scales("a dog")
+    np.testing.assert_allclose(np.array(loaded["images"]), expected, atol=1e-6)
+    assert list((tmp_path / "hf_home").rglob("spm.json"))  # it came over HTTP into the fresh cache

@@ -93,8 +93,10 @@ def _adapter_config(model: torch.nn.Module, adapter_name: str) -> Any:
 
 
 def lora_model_card(*, pipeline_class: type[DiffusionPipeline], method_name: str, config: TrainingConfig,
-                    base_model: str | None = None, repo_id: str | None = None) -> ModelCard:
-    """The card: what trained the adapter (method, base model, the whole ``TrainingConfig``) and how to load it."""
+                    base_model: str | None = None, repo_id: str | None = None,
+                    template: str = CARD_TEMPLATE) -> ModelCard:
+    """The card: what trained the adapter (method, base model, the whole ``TrainingConfig``) and how to load it
+    (``hub_cards/<template>.md``: ``trainer``, or a method's own when it loads another way, as SPM's does)."""
     # Local paths mean nothing on the Hub.
     shared_fields = {k: v for k, v in asdict(config).items() if k not in ("output_dir", "resume_from")}
     training_config = yaml.safe_dump(shared_fields, sort_keys=False).strip()
@@ -105,7 +107,7 @@ def lora_model_card(*, pipeline_class: type[DiffusionPipeline], method_name: str
         f"Base model: {f'[{base_model}](https://huggingface.co/{base_model})' if base_model else 'not recorded'}.\n\n"
         f"## Training configuration\n\n```yaml\n{training_config}\n```"
     )
-    return render_model_card(CARD_TEMPLATE, class_name=pipeline_class.__name__, repo_id=repo_id,
+    return render_model_card(template, class_name=pipeline_class.__name__, repo_id=repo_id,
                              base_model=base_model, tags=["lora", method_name], title=repo_id or f"{method_name} LoRA",
                              description=description)
 
@@ -113,7 +115,7 @@ def lora_model_card(*, pipeline_class: type[DiffusionPipeline], method_name: str
 def save_lora_weights(model: torch.nn.Module, folder: str | os.PathLike, *,
                       pipeline_class: type[DiffusionPipeline] = StableDiffusionPipeline, method_name: str,
                       config: TrainingConfig, base_model: str | None = None, repo_id: str | None = None,
-                      card: bool = True, adapter_name: str = "default") -> Path:
+                      card: bool = True, card_template: str = CARD_TEMPLATE, adapter_name: str = "default") -> Path:
     """Write the adapter of ``model`` (a diffusers denoiser trained with ``lora_rank`` set) into ``folder``.
 
     Args:
@@ -123,7 +125,7 @@ def save_lora_weights(model: torch.nn.Module, folder: str | os.PathLike, *,
         method_name, config: what trained it, for the card.
         base_model: the Hub id of the base model, for the card's metadata and loading snippet.
         repo_id: the Hub id it will have, for the card's loading snippet.
-        card: write ``README.md`` too.
+        card: write ``README.md`` too, from ``hub_cards/<card_template>.md``.
 
     Returns:
         The folder; ``pipeline_class.from_pretrained(base_model).load_lora_weights(folder)`` loads it.
@@ -139,7 +141,7 @@ def save_lora_weights(model: torch.nn.Module, folder: str | os.PathLike, *,
                                         f"{denoiser}_lora_adapter_metadata": adapter.to_dict()})
     if card:
         lora_model_card(pipeline_class=pipeline_class, method_name=method_name, config=config,
-                        base_model=base_model, repo_id=repo_id).save(folder / "README.md")
+                        base_model=base_model, repo_id=repo_id, template=card_template).save(folder / "README.md")
     return folder
 
 

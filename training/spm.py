@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,7 @@ from .lora import LORA_WEIGHTS_NAME, adapters_disabled, lora_base_model, save_lo
 # Every Linear / Conv2d inside a Transformer2DModel (the official SPMNetwork's targets), as PEFT name suffixes.
 SPM_TARGET_MODULES = ["proj_in", "proj_out", "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 SPM_METADATA_NAME = "spm.json"
+HUB_REPO_ID_PATTERN = r"[\w.-]+/[\w.-]+"  # owner/name, as the Hub spells repository ids
 # The arguments SPMTransport sets itself: the transport needs the prompt's text.
 RESERVED_PIPELINE_ARGUMENTS = ("prompt", "prompt_embeds")
 # The official ``create_noise_scheduler("ddim")``: Stable Diffusion's betas, no clipping, and diffusers' defaults
@@ -351,22 +353,25 @@ def save_spm(model: torch.nn.Module, folder: str | os.PathLike, *, concept: str,
     _check_concept(concept)
     check_membrane(model)
     folder = save_lora_weights(model, folder, method_name=SPMObjective.name, config=config, adapter_name=adapter_name,
-                               **save_options)
+                               card_template="spm", **save_options)
     (folder / SPM_METADATA_NAME).write_text(json.dumps({"concept": concept, "method": SPMObjective.name}) + "\n",
                                             encoding="utf-8")
     return folder
 
 
 def load_spm(pipe: Any, folders: str | os.PathLike | Sequence[str | os.PathLike],
-             adapter_names: Sequence[str] | None = None, facilitated_transport: bool = True) -> SPMTransport:
-    """Load one or several membranes saved by ``save_spm`` into ``pipe`` (any Stable Diffusion pipeline whose UNet has
-    the architecture they were trained on, not necessarily the same weights) and return the ``SPMTransport`` that
-    generates with them. ``adapter_names`` default to ``spm_0, spm_1, ...`` (skipping names in use)."""
+             adapter_names: Sequence[str] | None = None, facilitated_transport: bool = True,
+             revision: str | None = None) -> SPMTransport:
+    """Load one or several membranes saved by ``save_spm`` (local folders, or Hub repository ids, downloaded at
+    ``revision``) into ``pipe`` (any Stable Diffusion pipeline whose UNet has the architecture they were trained on,
+    not necessarily the same weights) and return the ``SPMTransport`` that generates with them. ``adapter_names``
+    default to ``spm_0, spm_1, ...`` (skipping names in use)."""
     from safetensors import safe_open
 
     folders = [folders] if isinstance(folders, str | os.PathLike) else list(folders)
     if not folders:
         raise ValueError("load_spm needs at least one membrane folder")
+    folders = [membrane_folder(source, revision) for source in folders]
     in_use = set(getattr(pipe.unet, "peft_config", None) or {})
     if adapter_names is None:
         free = (f"spm_{i}" for i in range(len(in_use) + len(folders) + 1) if f"spm_{i}" not in in_use)
@@ -389,6 +394,16 @@ def load_spm(pipe: Any, folders: str | os.PathLike | Sequence[str | os.PathLike]
     for folder, name in zip(folders, adapter_names, strict=True):
         pipe.load_lora_weights(folder, adapter_name=name)
     return transport
+
+
+def membrane_folder(source: str | os.PathLike, revision: str | None = None) -> Path:
+    """``source`` itself when it is a local path, else the Hub repository ``source``'s membrane files, downloaded."""
+    if Path(source).exists() or not re.fullmatch(HUB_REPO_ID_PATTERN, str(source)):
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(source), revision=revision,
+                                  allow_patterns=[LORA_WEIGHTS_NAME, SPM_METADATA_NAME]))
 
 
 # The paper's lambda = 1000 balances the two terms for Stable Diffusion, where the prompt moves the prediction far more
