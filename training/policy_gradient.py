@@ -36,6 +36,7 @@ from accelerate.utils import extract_model_from_parallel, gather_object
 
 from ..guidance.steering import check_reward_values
 from ..pipelines.restoration.pipeline_restoration import decode_latents
+from .lora import unet_swapped
 
 Reward = Callable[[torch.Tensor], torch.Tensor]
 NORMALIZER_EPSILON = 1e-6
@@ -262,11 +263,8 @@ def validation_images(pipeline: Any, unet: torch.nn.Module, prompts: Sequence[st
                       **pipeline_arguments: Any) -> list:
     """The pipeline's own PIL images with ``unet`` in it, one per prompt and seed (each seed its own generator): what
     ``validate`` saves, and what a stock pipeline that ``load_lora_weights`` the adapter reproduces."""
-    stock_unet, pipeline.unet = pipeline.unet, unet
-    try:
+    with unet_swapped(pipeline, unet) as pipe:
         return [image for prompt in prompts
-                for image in pipeline(prompt, num_images_per_prompt=len(seeds), output_type="pil",
-                                      generator=[torch.Generator().manual_seed(s) for s in seeds],
-                                      **pipeline_arguments).images]
-    finally:
-        pipeline.unet = stock_unet
+                for image in pipe(prompt, num_images_per_prompt=len(seeds), output_type="pil",
+                                  generator=[torch.Generator().manual_seed(s) for s in seeds],
+                                  **pipeline_arguments).images]
