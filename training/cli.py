@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -70,51 +71,24 @@ def restoration(config: TrainingConfig, args: argparse.Namespace):
     return method, unet.train(), dataset
 
 
-def lcm_lora(config: TrainingConfig, args: argparse.Namespace):
-    from .lcm_lora import toy_run
+def toy_run_of(module: str) -> MethodFactory:
+    """The ``toy_run(config, args)`` of ``training.<module>``, imported only when its method is chosen."""
 
-    return toy_run(config, args)
+    def toy_run(config: TrainingConfig, args: argparse.Namespace):
+        return importlib.import_module(f".{module}", __package__).toy_run(config, args)
 
-
-def smooth_lora(config: TrainingConfig, args: argparse.Namespace):
-    from .smooth_lora import toy_run
-
-    return toy_run(config, args)
-
-
-def ddpo(config: TrainingConfig, args: argparse.Namespace):
-    from .ddpo import toy_run
-
-    return toy_run(config, args)
-
-
-def rlcm(config: TrainingConfig, args: argparse.Namespace):
-    from .rlcm import toy_run
-
-    return toy_run(config, args)
-
-
-def domainstudio(config: TrainingConfig, args: argparse.Namespace):
-    from .domainstudio import toy_run
-
-    return toy_run(config, args)
-
-
-def spm(config: TrainingConfig, args: argparse.Namespace):
-    from .spm import toy_run
-
-    return toy_run(config, args)
+    return toy_run
 
 
 TRAINING_METHODS: dict[str, MethodFactory] = {
-    "ddpo": ddpo,
-    "domainstudio": domainstudio,
-    "lcm-lora": lcm_lora,
+    "ddpo": toy_run_of("ddpo"),
+    "domainstudio": toy_run_of("domainstudio"),
+    "lcm-lora": toy_run_of("lcm_lora"),
     "masked-diffusion-lm": masked_diffusion_lm,
     "restoration": restoration,
-    "rlcm": rlcm,
-    "smooth-lora": smooth_lora,
-    "spm": spm,
+    "rlcm": toy_run_of("rlcm"),
+    "smooth-lora": toy_run_of("smooth_lora"),
+    "spm": toy_run_of("spm"),
 }
 
 
