@@ -476,7 +476,8 @@ class Trainer:
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
         try:
-            with torch.no_grad():
+            # Under the loss's autocast, so that the collected log-probabilities are the ones the first update sees.
+            with torch.no_grad(), self.accelerator.autocast():
                 collected = list(self.method.collect(model, batch, self.generator))
         finally:
             model.train()
