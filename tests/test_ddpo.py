@@ -67,7 +67,7 @@ def rlcm(pipe, **options):
 
 def conditioning(pipe, policy, batch_size):
     embeds, negative = pipe.encode_prompt(["a cat"] * batch_size, "cpu", 1, True, negative_prompt=[""] * batch_size)
-    return Conditioning(pipe, embeds, negative, policy.guidance_scale)
+    return Conditioning.for_pipeline(pipe, embeds, negative, policy.guidance_scale)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -112,6 +112,32 @@ def test_the_lcm_policy_draws_what_lcmscheduler_steps_to_and_ends_on_its_denoise
             mean, std = policy.transition(pipe.unet, sample, torch.full((2,), k), cond)
             torch.testing.assert_close(mean + std * noise, output.prev_sample, rtol=1e-5, atol=1e-5)
             sample = output.prev_sample
+
+
+def lcm_distilled_pipeline():
+    """An LCM-distilled UNet takes the guidance scale as an embedding (``time_cond_proj_dim``) instead of CFG."""
+    from diffusers import UNet2DConditionModel
+
+    pipe = lcm_pipeline()
+    torch.manual_seed(1)
+    pipe.unet = UNet2DConditionModel(**{**pipe.unet.config, "time_cond_proj_dim": 8}).eval()
+    return pipe
+
+
+@pytest.mark.parametrize("case", ["ddpo", "rlcm", "rlcm-guidance-embedding"])
+def test_a_rollout_is_the_stock_pipelines_sample_for_the_same_generator(case):
+    if case == "ddpo":
+        method = ddpo(ddim_pipeline())
+    else:
+        method = rlcm(lcm_pipeline() if case == "rlcm" else lcm_distilled_pipeline(),
+                      guidance_scale=1.0 if case == "rlcm" else 3.0)
+    pipe = method.pipeline
+    prompts = ["a cat", "a cat", "a cat"]
+    with torch.no_grad():
+        _, _, images, _ = method.sample(pipe.unet, prompts, torch.Generator().manual_seed(7))
+    stock = pipe(prompts[0], num_images_per_prompt=3, output_type="pt", generator=torch.Generator().manual_seed(7),
+                 **method.policy.pipeline_arguments(method.height, method.width)).images
+    torch.testing.assert_close(images, stock, rtol=1e-4, atol=1e-5)
 
 
 def test_log_density_clipped_loss_and_per_prompt_normalisation_are_the_official_formulas():

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -56,26 +57,36 @@ class DenoisingPolicy(Protocol):
         """The generated latents, from the state after the last transition."""
 
 
+@dataclass
 class Conditioning:
     """A batch's prompt embeddings and how the UNet is guided, the way ``StableDiffusionPipeline`` does it:
     classifier-free guidance when ``guidance_scale > 1`` and the UNet takes no guidance embedding, the guidance
     embedding (``timestep_cond``, LCM-distilled UNets) when it takes one."""
 
-    def __init__(self, pipeline: Any, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor,
-                 guidance_scale: float):
-        self.prompt_embeds, self.negative_prompt_embeds = prompt_embeds, negative_prompt_embeds
-        self.guidance_scale = guidance_scale
-        self.timestep_cond = None
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor
+    guidance_scale: float
+    timestep_cond: torch.Tensor | None = None
+
+    @classmethod
+    def for_pipeline(cls, pipeline: Any, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor,
+                     guidance_scale: float) -> Conditioning:
+        timestep_cond = None
         if pipeline.unet.config.time_cond_proj_dim is not None:
             scale = torch.full((prompt_embeds.shape[0],), guidance_scale - 1.0)
-            self.timestep_cond = pipeline.get_guidance_scale_embedding(
+            timestep_cond = pipeline.get_guidance_scale_embedding(
                 scale, embedding_dim=pipeline.unet.config.time_cond_proj_dim).to(prompt_embeds)
-        self.classifier_free = guidance_scale > 1 and self.timestep_cond is None
+        return cls(prompt_embeds, negative_prompt_embeds, guidance_scale, timestep_cond)
+
+    @property
+    def classifier_free(self) -> bool:
+        return self.guidance_scale > 1 and self.timestep_cond is None
 
     def select(self, index: torch.Tensor) -> Conditioning:
-        chosen = object.__new__(Conditioning)
-        chosen.__dict__ = {k: v[index] if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
-        return chosen
+        """The conditioning of the samples ``index``."""
+        return replace(self, prompt_embeds=self.prompt_embeds[index],
+                       negative_prompt_embeds=self.negative_prompt_embeds[index],
+                       timestep_cond=None if self.timestep_cond is None else self.timestep_cond[index])
 
     def predict(self, unet: torch.nn.Module, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The guided model output at ``sample`` and ``timesteps``."""
@@ -199,7 +210,8 @@ class PolicyGradientObjective:
     def conditioning(self, prompts: Sequence[str], device: torch.device) -> Conditioning:
         prompt_embeds, negative_prompt_embeds = self.pipeline.encode_prompt(
             list(prompts), device, 1, do_classifier_free_guidance=True, negative_prompt=[""] * len(prompts))
-        return Conditioning(self.pipeline, prompt_embeds, negative_prompt_embeds, self.policy.guidance_scale)
+        return Conditioning.for_pipeline(self.pipeline, prompt_embeds, negative_prompt_embeds,
+                                         self.policy.guidance_scale)
 
     def sample(self, unet: torch.nn.Module, prompts: Sequence[str], generator: torch.Generator
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Conditioning]:
