@@ -20,6 +20,7 @@ import torch
 from diffusers import DDIMScheduler, LCMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
+from tiny_pipelines import tiny_sdxl
 
 from diffusers_ext.guidance.rewards import jpeg_compressibility
 from diffusers_ext.training import Trainer, TrainingConfig
@@ -66,8 +67,7 @@ def rlcm(pipe, **options):
 
 
 def conditioning(pipe, policy, batch_size):
-    embeds, negative = pipe.encode_prompt(["a cat"] * batch_size, "cpu", 1, True, negative_prompt=[""] * batch_size)
-    return Conditioning.for_pipeline(pipe, embeds, negative, policy.guidance_scale)
+    return Conditioning.for_pipeline(pipe, ["a cat"] * batch_size, "cpu", policy.guidance_scale, 16, 16)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -124,10 +124,14 @@ def lcm_distilled_pipeline():
     return pipe
 
 
-@pytest.mark.parametrize("case", ["ddpo", "rlcm", "rlcm-guidance-embedding"])
+def sdxl_pipeline():
+    return tiny_sdxl(DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1))
+
+
+@pytest.mark.parametrize("case", ["ddpo", "ddpo-sdxl", "rlcm", "rlcm-guidance-embedding"])
 def test_a_rollout_is_the_stock_pipelines_sample_for_the_same_generator(case):
-    if case == "ddpo":
-        method = ddpo(ddim_pipeline())
+    if case.startswith("ddpo"):
+        method = ddpo(ddim_pipeline() if case == "ddpo" else sdxl_pipeline())
     else:
         method = rlcm(lcm_pipeline() if case == "rlcm" else lcm_distilled_pipeline(),
                       guidance_scale=1.0 if case == "rlcm" else 3.0)
@@ -221,6 +225,25 @@ def test_the_saved_adapter_reproduces_the_validation_images_in_a_fresh_stock_pip
     assert len(saved) == len(images) == 2
     for path, image in zip(saved, images, strict=True):
         np.testing.assert_array_equal(np.asarray(Image.open(path)), np.asarray(image))
+
+
+def test_an_sdxl_adapter_reproduces_the_validation_images_in_a_fresh_stock_sdxl_pipeline(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    method = ddpo(sdxl_pipeline(), num_inference_steps=4, images_per_prompt=2, min_count=2,
+                  validation_prompts=["a cow"], validation_seeds=[3])
+    config = TrainingConfig(output_dir=str(tmp_path), max_steps=4, batch_size=2, learning_rate=1e-2, lora_rank=2,
+                            validation_every=4)
+    result = Trainer(method, method.pipeline.unet.train(), TRAIN_PROMPTS, config).train()
+    save_lora_weights(result.model, tmp_path / "lora", pipeline_class=StableDiffusionXLPipeline, method_name="ddpo",
+                      config=config)
+    stock = sdxl_pipeline()
+    before = validation_images(stock, stock.unet, ["a cow"], [3], **method.policy.pipeline_arguments(8, 8))
+    stock.load_lora_weights(tmp_path / "lora")
+    after = validation_images(stock, stock.unet, ["a cow"], [3], **method.policy.pipeline_arguments(8, 8))
+    saved = np.asarray(Image.open(tmp_path / "validation" / "step-4" / "image-0.png"))
+    np.testing.assert_array_equal(saved, np.asarray(after[0]))
+    assert not np.array_equal(saved, np.asarray(before[0]))  # the adapter is what reproduces them
 
 
 def test_a_run_interrupted_mid_round_resumes_to_the_uninterrupted_weights(tmp_path):

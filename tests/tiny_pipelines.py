@@ -12,6 +12,7 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 
@@ -122,3 +123,26 @@ def flux_inputs(seed: int = 0, batch_size: int = 1, **overrides) -> dict:
     inputs = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, num_inference_steps=4, height=16, width=16,
                   max_sequence_length=4, output_type="np", generator=torch.Generator().manual_seed(seed))
     return inputs | overrides
+
+
+def tiny_sdxl(scheduler) -> StableDiffusionXLPipeline:
+    """SDXL's layout in miniature: two CLIP encoders (the second with projection, for pooled embeddings), the
+    sequence embeddings concatenated (64 wide), and the "text_time" added conditioning (pooled text + 6 size ids)."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=2 * TEXT_DIM, attention_head_dim=4, norm_num_groups=4, addition_embed_type="text_time",
+        addition_time_embed_dim=4, projection_class_embeddings_input_dim=TEXT_DIM + 6 * 4,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8,), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4, sample_size=8,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae.eval(), text_encoder=tiny_clip_text_encoder(), tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=tiny_clip_text_encoder(seed=1, with_projection=True), tokenizer_2=tiny_clip_tokenizer(),
+        unet=unet.eval(), scheduler=scheduler,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -96,7 +96,7 @@ class DDPOObjective(PolicyGradientObjective):
     ``DDIMScheduler``. The data set is prompts; ``reward`` scores decoded images in ``[0, 1]``.
 
     Args:
-        pipeline: a ``StableDiffusionPipeline`` (or relative) with a ``DDIMScheduler``, tokenizer and text encoder.
+        pipeline: a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` with a ``DDIMScheduler``.
         reward: ``reward(images) -> (B,)``; ``diffusers_ext.guidance.rewards.jpeg_compressibility`` for the paper's
             compressibility task.
         num_inference_steps, eta, guidance_scale: the sampler (DDPO's 50, 1.0 and 5.0).

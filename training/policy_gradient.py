@@ -59,24 +59,36 @@ class DenoisingPolicy(Protocol):
 
 @dataclass
 class Conditioning:
-    """A batch's prompt embeddings and how the UNet is guided, the way ``StableDiffusionPipeline`` does it:
+    """A batch's prompt embeddings and how the UNet is guided, the way the Stable Diffusion pipelines do it:
     classifier-free guidance when ``guidance_scale > 1`` and the UNet takes no guidance embedding, the guidance
-    embedding (``timestep_cond``, LCM-distilled UNets) when it takes one."""
+    embedding (``timestep_cond``, LCM-distilled UNets) when it takes one; SDXL's pooled text embeddings and size
+    conditioning (``added_cond_kwargs``, each ``(negative, positive)``) when the pipeline encodes them."""
 
     prompt_embeds: torch.Tensor
     negative_prompt_embeds: torch.Tensor
     guidance_scale: float
     timestep_cond: torch.Tensor | None = None
+    added_cond: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @classmethod
-    def for_pipeline(cls, pipeline: Any, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor,
-                     guidance_scale: float) -> Conditioning:
+    def for_pipeline(cls, pipeline: Any, prompts: Sequence[str], device: torch.device, guidance_scale: float,
+                     height: int, width: int) -> Conditioning:
+        # No negative prompt: the pipeline's own unconditional embeddings (SDXL's are zeros by default).
+        encoded = pipeline.encode_prompt(prompt=list(prompts), device=device, num_images_per_prompt=1,
+                                         do_classifier_free_guidance=True)
+        prompt_embeds, negative_prompt_embeds = encoded[:2]
+        added_cond = None
+        if len(encoded) == 4:  # SDXL: pooled embeddings, and the sizes as (original, crop top-left, target)
+            pooled, negative_pooled = encoded[2:]
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=prompt_embeds.dtype,
+                                    device=device).repeat(len(prompts), 1)
+            added_cond = {"text_embeds": (negative_pooled, pooled), "time_ids": (time_ids, time_ids)}
         timestep_cond = None
         if pipeline.unet.config.time_cond_proj_dim is not None:
-            scale = torch.full((prompt_embeds.shape[0],), guidance_scale - 1.0)
+            scale = torch.full((len(prompts),), guidance_scale - 1.0)
             timestep_cond = pipeline.get_guidance_scale_embedding(
                 scale, embedding_dim=pipeline.unet.config.time_cond_proj_dim).to(prompt_embeds)
-        return cls(prompt_embeds, negative_prompt_embeds, guidance_scale, timestep_cond)
+        return cls(prompt_embeds, negative_prompt_embeds, guidance_scale, timestep_cond, added_cond)
 
     @property
     def classifier_free(self) -> bool:
@@ -86,16 +98,21 @@ class Conditioning:
         """The conditioning of the samples ``index``."""
         return replace(self, prompt_embeds=self.prompt_embeds[index],
                        negative_prompt_embeds=self.negative_prompt_embeds[index],
-                       timestep_cond=None if self.timestep_cond is None else self.timestep_cond[index])
+                       timestep_cond=None if self.timestep_cond is None else self.timestep_cond[index],
+                       added_cond=None if self.added_cond is None else
+                       {k: (negative[index], positive[index]) for k, (negative, positive) in self.added_cond.items()})
 
     def predict(self, unet: torch.nn.Module, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The guided model output at ``sample`` and ``timesteps``."""
         if not self.classifier_free:
-            return unet(sample, timesteps, encoder_hidden_states=self.prompt_embeds,
-                        timestep_cond=self.timestep_cond).sample
+            added = None if self.added_cond is None else {k: v[1] for k, v in self.added_cond.items()}
+            return unet(sample, timesteps, encoder_hidden_states=self.prompt_embeds, timestep_cond=self.timestep_cond,
+                        added_cond_kwargs=added).sample
+        added = None if self.added_cond is None else {k: torch.cat(v) for k, v in self.added_cond.items()}
         unconditional, conditional = unet(
             torch.cat([sample, sample]), torch.cat([timesteps, timesteps]),
-            encoder_hidden_states=torch.cat([self.negative_prompt_embeds, self.prompt_embeds])).sample.chunk(2)
+            encoder_hidden_states=torch.cat([self.negative_prompt_embeds, self.prompt_embeds]),
+            added_cond_kwargs=added).sample.chunk(2)
         return unconditional + self.guidance_scale * (conditional - unconditional)
 
 
@@ -153,7 +170,8 @@ class PolicyGradientObjective:
     ``transitions_per_batch``.
 
     Args:
-        pipeline: a Stable Diffusion-style pipeline (tokenizer, text encoder, VAE) whose UNet is trained.
+        pipeline: a Stable Diffusion 1.x / 2.x or SDXL pipeline (tokenizers, text encoders, VAE) whose UNet is
+            trained; save its adapter with ``save_lora_weights(..., pipeline_class=type(pipeline))``.
         policy: the sampler as a policy.
         reward: ``reward(images) -> (B,)``, images ``(B, 3, H, W)`` in ``[0, 1]``; higher is better. Not
             differentiated; any callable, e.g. ``diffusers_ext.guidance.rewards.jpeg_compressibility``.
@@ -208,10 +226,8 @@ class PolicyGradientObjective:
         self.normalizer.load_state_dict(state["reward_buffers"])
 
     def conditioning(self, prompts: Sequence[str], device: torch.device) -> Conditioning:
-        prompt_embeds, negative_prompt_embeds = self.pipeline.encode_prompt(
-            list(prompts), device, 1, do_classifier_free_guidance=True, negative_prompt=[""] * len(prompts))
-        return Conditioning.for_pipeline(self.pipeline, prompt_embeds, negative_prompt_embeds,
-                                         self.policy.guidance_scale)
+        return Conditioning.for_pipeline(self.pipeline, prompts, device, self.policy.guidance_scale, self.height,
+                                         self.width)
 
     def sample(self, unet: torch.nn.Module, prompts: Sequence[str], generator: torch.Generator
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Conditioning]:

@@ -80,7 +80,7 @@ class RLCMObjective(PolicyGradientObjective):
     prompts; ``reward`` scores decoded images in ``[0, 1]``.
 
     Args:
-        pipeline: a ``StableDiffusionPipeline`` (or relative) with an ``LCMScheduler``, tokenizer and text encoder.
+        pipeline: a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` with an ``LCMScheduler``.
         reward: ``reward(images) -> (B,)``.
         num_inference_steps: the sampler's steps (RLCM's 8).
         guidance_scale: as the pipeline takes it: the guidance embedding of an LCM-distilled UNet (RLCM's 8), or
