@@ -16,6 +16,8 @@ Measured (``OMP_NUM_THREADS=1 pytest -q -s tests/test_lcm_lora.py``; per-element
   t = 751) 83. Beating the last is the sampler's doing, not the adapter's, and against the others the claim does not
   hold here: LCM's multistep sampling re-noises its estimate with fresh noise and relies on the teacher denoising it
   again, which a random-weight teacher does not (``test_four_step_student...`` is a strict xfail recording this).
+
+With a trained teacher (the paper's setting) the claim does not reproduce at this scale either; see that test.
 """
 
 from __future__ import annotations
@@ -109,10 +111,44 @@ def test_one_step_student_is_closer_to_the_teachers_50_step_output_than_the_base
     assert student.mean() < 0.7 * min(base_lcm.mean(), base_ddim.mean())
 
 
-@pytest.mark.xfail(strict=True, reason="at this toy scale LCM's 4-step sampling re-noises with fresh noise that a "
-                                       "random-weight teacher does not remove: student 31 vs base 3.6 (trailing "
-                                       "DDIM) and 31 (LCMScheduler); see the module docstring")
+@pytest.mark.xfail(strict=True, reason="not at toy scale: random teacher, student 31 vs base 3.6 (trailing DDIM); "
+                                       "trained teacher, student 1.06-1.42 vs base 0.42 (default DDIM) and 0.10 "
+                                       "(trailing), and a perfect consistency model's LCM 4-step floor (0.46-0.72) "
+                                       "is above the base's default DDIM; see the docstring")
 def test_four_step_student_is_closer_to_the_teachers_50_step_output_than_the_base_model_at_four_steps(distilled):
+    """The issue's claim, per held-out seed against the teacher's 50-step DDIM output. It fails here, with the random
+    teacher of ``distilled`` (the module docstring's figures) and with a trained one.
+
+    Trained teacher (measured once, outside this file: it takes 35 s to 2 min of CPU): ``sd_pipeline().unet`` fully
+    trained with ``SmoothLoRAObjective(regularization_weight=0)`` (plain epsilon MSE, ``STABLE_DIFFUSION_SCHEDULE``)
+    on ``PrototypeLatents(64, (4, 8, 8), (4, TEXT_DIM), num_prompts=1, prototypes_per_prompt=4, jitter=0.1)``, batch
+    16, learning rate 2e-3, then distilled at guidance 1 (one prompt, no unconditional model) into a rank-8 LoRA on
+    ``ROUND_TRIPPING_TARGETS``, batch 16. 64 held-out seeds (10000-10063); per-element latent MSE to the teacher's
+    50-step DDIM; "near" is the RMS distance to the nearest prototype (the data's is 0.1); SW2 the sliced W2 distance
+    to 64 other teacher samples (seeds 20000-20063; teacher against teacher: 0.41, 0.34).
+
+    =================================  ==========  ==========  ==========  ==========  ==========  ==========
+    base steps / distillation          student 4   student 1   base DDIM   base DDIM   base LCM 4  perfect CM
+                                                               4 default   4 trailing              LCM 4
+    =================================  ==========  ==========  ==========  ==========  ==========  ==========
+    1500 / 120 steps, lr 1e-2, data    1.19        2.27        0.42        0.10        1.09        0.72
+    1500 / 500, lr 1e-2, teacher's     1.42        2.32        0.42        0.10        1.09        0.72
+    1500 / 500, lr 1e-3, teacher's     1.06        1.65        0.42        0.10        1.09        0.72
+    4000 / 500, lr 1e-2, teacher's     1.10        1.68        0.43        0.13        1.00        0.46
+    =================================  ==========  ==========  ==========  ==========  ==========  ==========
+
+    (Base 1-step trailing DDIM: 2.19 and 1.66; teacher's 50-step samples: near 0.94 and 0.70.) The distributional
+    measures do not favour the student either: SW2 0.47 to 0.68 against the base's 0.45 / 0.37 (trailing DDIM) and
+    0.55 / 0.46 (default); near 0.83 to 1.09 against 0.51 / 0.38 (default DDIM). "Perfect CM" is the LCM 4-step
+    sampler (timesteps 999, 759, 499, 259, fresh noise between steps) with the teacher's own 50-step PF-ODE as the
+    consistency function: no student can do better in expectation, and it is above the base's default DDIM. What
+    blocks the claim is the toy law, not the distillation alone: four well-separated prototypes make the few-step
+    DDIM trajectory nearly straight, so 4-step DDIM is already close to the 50-step output, while LCM's re-noising
+    moves each sample off the teacher's trajectory. With the exact (analytic) denoiser of that law, 4-step DDIM is
+    at 0.30 (default, leading spacing) and 0.002 (trailing) against the perfect consistency model's 0.06: a student
+    could beat the default DDIM only with a much better teacher than 1500-4000 steps give, and never the trailing
+    one. On Stable Diffusion 4-step DDIM is far from the 50-step image (the paper's premise), which this law lacks.
+    """
     base, teacher = distilled["base"], distilled["teacher"]
     student = per_seed_mse(latents(distilled["student"], 4, 1.0), teacher).mean()
     base_four_step = {"LCMScheduler": latents(lcm_lora_pipeline(base), 4, GUIDANCE),
