@@ -138,6 +138,12 @@ def default_prediction_type(scheduler_config: Mapping[str, Any]) -> str:
     return check_prediction_type(scheduler_config.get("prediction_type", "epsilon"))
 
 
+def per_sample(values: torch.Tensor, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One value per batch row, ``(B,)``, shaped ``(B, 1, ..., 1)`` to broadcast against ``like`` ``(B, ...)``, on
+    its device, in ``dtype`` (``like``'s by default)."""
+    return values.to(device=like.device, dtype=dtype or like.dtype).reshape(-1, *[1] * (like.ndim - 1))
+
+
 def ddim_step(
     x0: torch.Tensor,
     eps: torch.Tensor,

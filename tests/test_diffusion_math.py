@@ -72,3 +72,13 @@ def test_noise_path_detection_and_clear_errors():
         vp_alphas_cumprod({"beta_schedule": "cubic"})
     with pytest.raises(ValueError, match="prediction_type"):
         prediction_from_x0_and_eps(torch.zeros(1), torch.zeros(1), 1.0, 0.0, "score")
+
+
+def test_per_sample_broadcasts_one_value_per_row():
+    from diffusers_ext.diffusion_math import per_sample
+
+    values, like = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), torch.ones(3, 2, 4, 4, dtype=torch.float16)
+    shaped = per_sample(values, like)
+    assert shaped.shape == (3, 1, 1, 1) and shaped.dtype == torch.float16
+    torch.testing.assert_close((shaped * like)[:, 1, 2, 3], values.half())
+    assert per_sample(values, like, torch.float32).dtype == torch.float32

@@ -24,12 +24,13 @@ from typing import Any
 
 import torch
 
-from ..diffusion_math import ddim_step_distribution, x0_and_eps_from_prediction
+from ..diffusion_math import ddim_step_distribution, per_sample, x0_and_eps_from_prediction
 from .policy_gradient import Conditioning, PolicyGradientObjective, Reward
 
 
-def _per_sample(values: torch.Tensor, step: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.to(step.device)[step].view(-1, *[1] * (like.ndim - 1)).to(like)
+def at_steps(values: torch.Tensor, step: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-step table's values at each sample's step index, broadcasting against ``like``."""
+    return per_sample(values.to(step.device)[step], like)
 
 
 def clipped_x0(x0: torch.Tensor, scheduler_config: Any) -> torch.Tensor:
@@ -75,7 +76,7 @@ class DDIMPolicy:
 
     def transition(self, unet: torch.nn.Module, sample: torch.Tensor, step: torch.Tensor,
                    conditioning: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
-        alpha, sigma, alpha_next, sigma_next = (_per_sample(v, step, sample) for v in
+        alpha, sigma, alpha_next, sigma_next = (at_steps(v, step, sample) for v in
                                                 (self.alpha, self.sigma, self.alpha_next, self.sigma_next))
         prediction = conditioning.predict(unet, sample, self.timesteps.to(step.device)[step]).to(sample)
         x0, eps = x0_and_eps_from_prediction(prediction, sample, alpha, sigma, self.config.prediction_type)

@@ -55,6 +55,7 @@ from ..diffusion_math import (
     alpha_sigma_function,
     default_prediction_type,
     noise_path_from_scheduler_config,
+    per_sample,
     prediction_from_x0_and_eps,
     x0_and_eps_from_prediction,
 )
@@ -172,8 +173,7 @@ class DomainStudioObjective:
         self.last_terms: dict[str, float] = {}
 
     def _coefficients(self, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(s.to(device=like.device, dtype=torch.float32).view(-1, *[1] * (like.dim() - 1))
-                     for s in self.alpha_sigma(timesteps.cpu()))
+        return tuple(per_sample(s, like, torch.float32) for s in self.alpha_sigma(timesteps.cpu()))
 
     def _noised(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, timesteps: torch.Tensor,
                 generator: torch.Generator) -> NoisyBatch:

@@ -40,6 +40,7 @@ import torch
 from ..diffusion_math import (
     ddim_step,
     noise_path_from_scheduler_config,
+    per_sample,
     vp_alpha_sigma,
     vp_alphas_cumprod,
     x0_and_eps_from_prediction,
@@ -189,7 +190,7 @@ class LCMLoRADistillation:
                                    encoder_hidden_states=torch.cat([prompt_embeds, batch["negative_prompt_embeds"]])
                                    ).sample.to(x0.dtype)
                     conditional, unconditional = teacher.chunk(2)
-                    w = guidance.to(device, x0.dtype).view(-1, *[1] * (x0.ndim - 1))
+                    w = per_sample(guidance, x0)
                     # x0 and eps are affine in the prediction and guidance is an affine combination (weights
                     # summing to 1), so guiding the prediction guides x0 and eps alike.
                     teacher = unconditional + w * (conditional - unconditional)
@@ -208,8 +209,7 @@ class LCMLoRADistillation:
 
     def _alpha_sigma(self, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         alpha, sigma = vp_alpha_sigma(timesteps, self.alphas_cumprod)
-        shape = (-1, *[1] * (like.ndim - 1))
-        return alpha.view(shape).to(like.device, like.dtype), sigma.view(shape).to(like.device, like.dtype)
+        return per_sample(alpha, like), per_sample(sigma, like)
 
     def _consistency_function(self, unet: torch.nn.Module, sample: torch.Tensor, timesteps: torch.Tensor,
                               prompt_embeds: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -217,8 +217,7 @@ class LCMLoRADistillation:
         prediction = unet(sample, timesteps, encoder_hidden_states=prompt_embeds).sample.to(sample.dtype)
         x0, _ = x0_and_eps_from_prediction(prediction, sample, alpha, sigma, self.prediction_type)
         c_skip, c_out = lcm_boundary_scalings(timesteps, self.sigma_data, self.timestep_scaling)
-        shape = (-1, *[1] * (sample.ndim - 1))
-        c_skip, c_out = (c.view(shape).to(sample.device, sample.dtype) for c in (c_skip, c_out))
+        c_skip, c_out = per_sample(c_skip, sample), per_sample(c_out, sample)
         return c_skip * sample + c_out * x0
 
     def validate(self, model: torch.nn.Module, step: int, folder: Any) -> list[Image.Image]:

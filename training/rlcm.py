@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..diffusion_math import x0_and_eps_from_prediction
-from .ddpo import TOY_PROMPTS, _per_sample, check_policy_scheduler, clipped_x0, toy_pipeline
+from .ddpo import TOY_PROMPTS, at_steps, check_policy_scheduler, clipped_x0, toy_pipeline
 from .lcm_lora import lcm_boundary_scalings
 from .policy_gradient import Conditioning, PolicyGradientObjective, Reward
 
@@ -53,7 +53,7 @@ class LCMPolicy:
     def consistency_function(self, unet: torch.nn.Module, sample: torch.Tensor, step: torch.Tensor,
                              conditioning: Conditioning) -> torch.Tensor:
         """``f(x_k) = c_skip x_k + c_out x0`` at the steps ``step``."""
-        alpha, sigma, c_skip, c_out = (_per_sample(v, step, sample) for v in
+        alpha, sigma, c_skip, c_out = (at_steps(v, step, sample) for v in
                                        (self.alpha, self.sigma, self.c_skip, self.c_out))
         prediction = conditioning.predict(unet, sample, self.timesteps.to(step.device)[step]).to(sample)
         x0, _ = x0_and_eps_from_prediction(prediction, sample, alpha, sigma, self.config.prediction_type)
@@ -61,7 +61,7 @@ class LCMPolicy:
 
     def transition(self, unet: torch.nn.Module, sample: torch.Tensor, step: torch.Tensor,
                    conditioning: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
-        alpha_next, sigma_next = (_per_sample(v, step + 1, sample) for v in (self.alpha, self.sigma))
+        alpha_next, sigma_next = (at_steps(v, step + 1, sample) for v in (self.alpha, self.sigma))
         return alpha_next * self.consistency_function(unet, sample, step, conditioning), sigma_next
 
     def final(self, unet: torch.nn.Module, sample: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:

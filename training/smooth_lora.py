@@ -52,6 +52,7 @@ from ..diffusion_math import (
     alpha_sigma_function,
     default_prediction_type,
     noise_path_from_scheduler_config,
+    per_sample,
     prediction_from_x0_and_eps,
     x0_and_eps_from_prediction,
 )
@@ -121,8 +122,7 @@ class SmoothLoRAObjective:
             raise ValueError("the step-wise variation regulariser (regularization_weight > 0) does not support "
                              "gradient_checkpointing: turn it off")
         noise.requires_grad_(regularize)
-        alpha, sigma = (s.to(device=device, dtype=torch.float32).view(-1, *[1] * (latents.dim() - 1))
-                        for s in self.alpha_sigma(timesteps.cpu()))
+        alpha, sigma = (per_sample(s, latents, torch.float32) for s in self.alpha_sigma(timesteps.cpu()))
         noisy = (alpha * latents.float() + sigma * noise.float()).to(dtype)
         # PyTorch's fused attention kernels have no double backward; the math kernel computes the same function.
         with sdpa_kernel(SDPBackend.MATH) if regularize else nullcontext():

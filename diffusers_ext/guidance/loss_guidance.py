@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers.configuration_utils import register_to_config
 
+from ..diffusion_math import per_sample
 from .steering import (
     DenoisingStep,
     Loss,
@@ -102,5 +103,5 @@ class LossGuidance(SteeringMethod):
                     f"{losses.tolist()}"
                 )
             step_size = torch.where(losses > 0, config.scale / losses.clamp_min(1e-30).sqrt(), 0.0)
-        step_size = step_size.to(gradient).reshape(-1, *[1] * (gradient.ndim - 1))
+        step_size = per_sample(step_size, gradient)
         return prev_sample - step_size * gradient.to(prev_sample.dtype)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from diffusers.configuration_utils import register_to_config
 
-from ..diffusion_math import x0_and_eps_from_prediction
+from ..diffusion_math import per_sample, x0_and_eps_from_prediction
 from .steering import (
     DenoisingStep,
     SteeringMethod,
@@ -172,6 +172,6 @@ class MinorityGuidance(SteeringMethod):
         self.last_scores = scores.detach()
         if config.normalize_gradient:
             peak = gradient.reshape(gradient.shape[0], -1).abs().amax(dim=1).clamp_min(1e-30)
-            gradient = gradient / peak.reshape(-1, *[1] * (gradient.ndim - 1))
+            gradient = gradient / per_sample(peak, gradient)
         step_size = (config.scale * coefficient).to(prev_sample)
         return prev_sample + step_size * gradient.to(prev_sample.dtype)

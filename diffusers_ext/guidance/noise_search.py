@@ -12,6 +12,7 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
+from ..diffusion_math import per_sample
 from .steering import (
     DenoisingStep,
     Reward,
@@ -73,7 +74,7 @@ def keep_better(best: tuple, candidate: tuple) -> tuple:
     ``best``'s (ties keep ``best``)."""
     (best_output, best_noise, best_rewards), (output, noise, rewards) = best, candidate
     better = rewards > best_rewards
-    mask = better.to(noise.device).reshape(-1, *[1] * (noise.ndim - 1))
+    mask = per_sample(better, noise, torch.bool)
     return (combine_rows([best_output, output], [(int(b), row) for row, b in enumerate(better)]),
             torch.where(mask, noise, best_noise), torch.where(better, rewards, best_rewards))
 
