@@ -72,10 +72,14 @@ def conditioning(pipe, policy, batch_size):
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("clip_sample", [False, True])
-def test_the_ddim_policy_draws_what_ddimscheduler_steps_to(prediction_type, clip_sample):
+@pytest.mark.parametrize("set_alpha_to_one", [False, True])
+def test_the_ddim_policy_draws_what_ddimscheduler_steps_to(prediction_type, clip_sample, set_alpha_to_one):
     pipe = ddim_pipeline(prediction_type=prediction_type)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=clip_sample, clip_sample_range=0.5)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=clip_sample, clip_sample_range=0.5,
+                                               set_alpha_to_one=set_alpha_to_one)
     policy = DDIMPolicy(pipe.scheduler, num_inference_steps=5, eta=0.7, guidance_scale=3.0)
+    # Landing on alphas_cumprod = 1, the last step has no noise: it belongs to ``final``, not to the policy.
+    assert policy.num_transitions == (4 if set_alpha_to_one else 5)
     cond = conditioning(pipe, policy, 2)
     stock = DDIMScheduler.from_config(pipe.scheduler.config)
     stock.set_timesteps(5)
@@ -84,12 +88,17 @@ def test_the_ddim_policy_draws_what_ddimscheduler_steps_to(prediction_type, clip
     with torch.no_grad():
         for k, t in enumerate(stock.timesteps):
             noise = torch.randn(sample.shape, generator=generator)
-            mean, std = policy.transition(pipe.unet, sample, torch.full((2,), k), cond)
             guided = cond.predict(pipe.unet, sample, torch.full((2,), int(t)))
             expected = stock.step(guided, t, sample, eta=0.7, variance_noise=noise).prev_sample
+            if k == policy.num_transitions:
+                torch.testing.assert_close(policy.final(pipe.unet, sample, cond), expected, rtol=1e-5, atol=1e-5)
+                break
+            mean, std = policy.transition(pipe.unet, sample, torch.full((2,), k), cond)
             torch.testing.assert_close(mean + std * noise, expected, rtol=1e-5, atol=1e-5)
             assert std.min() > 0
             sample = expected
+        else:
+            torch.testing.assert_close(policy.final(pipe.unet, sample, cond), sample)
 
 
 def test_the_lcm_policy_draws_what_lcmscheduler_steps_to_and_ends_on_its_denoised_sample():
@@ -171,15 +180,18 @@ def test_log_density_clipped_loss_and_per_prompt_normalisation_are_the_official_
 @pytest.mark.parametrize("objective", [ddpo, rlcm], ids=["ddpo", "rlcm"])
 def test_the_first_update_sees_a_ratio_of_one_on_every_collected_transition(objective):
     pipe = ddim_pipeline() if objective is ddpo else lcm_pipeline()
-    method = objective(pipe, transitions_per_batch=5)
+    method = objective(pipe, transitions_per_batch=5, advantage_clip=1.0)
     batches = method.collect(pipe.unet.eval(), TRAIN_PROMPTS[:2], torch.Generator().manual_seed(0))
-    assert sum(len(batch["step"]) for batch in batches) == 2 * 4 * method.policy.num_transitions
+    transitions = sorted((int(i), int(k)) for batch in batches
+                         for i, k in zip(batch["trajectory"], batch["step"], strict=True))
+    assert transitions == [(i, k) for i in range(2 * 4) for k in range(method.policy.num_transitions)]
     pipe.unet.train()
     for batch in batches:
         with torch.no_grad():
-            mean, std = method.policy.transition(pipe.unet, batch["sample"], batch["step"], batch["conditioning"])
-        torch.testing.assert_close(gaussian_log_density(batch["next_sample"], mean, std), batch["old_log_prob"])
-        assert torch.isfinite(batch["advantage"]).all()
+            loss = method.loss(pipe.unet, batch, torch.Generator())
+        # With the ratio at 1 the clipped objective is minus the mean (clipped) advantage of the batch's trajectories.
+        advantages = batch["round"].advantages[batch["trajectory"]]
+        torch.testing.assert_close(loss, -advantages.clamp(-1, 1).mean())
 
 
 def held_out_rewards(method, unet) -> torch.Tensor:
@@ -304,19 +316,35 @@ def test_the_train_command_saves_an_adapter_that_loads_into_the_saved_base_pipel
     assert pipe.get_active_adapters()
 
 
-@pytest.mark.slow
-def test_two_process_launch_of_ddpo_saves_one_adapter(tmp_path):
+def launch_two_processes(*arguments: str) -> str:
     accelerate = Path(sys.executable).with_name("accelerate")
     command = Path(sys.executable).with_name("diffusers-ext")
     env = os.environ | {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                    "--mixed_precision", "no", "--dynamo_backend", "no", str(command), "train", "ddpo",
-                    "--output_dir", str(tmp_path), "--max_steps", "4", "--batch_size", "2", "--lora_rank", "2",
-                    "--checkpoint_every", "2"], check=True, env=env, capture_output=True, timeout=300)
-    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-    assert [p.name for p in (tmp_path / FINAL_FOLDER).glob("*.safetensors")] == ["pytorch_lora_weights.safetensors"]
-    from diffusers import StableDiffusionPipeline
+    return subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", str(command), "train", "ddpo",
+                           *arguments], check=True, env=env, capture_output=True, text=True, timeout=300).stdout
 
-    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "base_pipeline")
-    pipe.load_lora_weights(tmp_path / FINAL_FOLDER)
+
+@pytest.mark.slow
+def test_two_process_launch_of_ddpo_saves_one_adapter_and_resumes_mid_round(tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    # 2 prompts x 4 images x 10 steps a process: 80 one-transition micro-batches a round, so step 2 is mid-round.
+    run = ["--max_steps", "4", "--batch_size", "2", "--lora_rank", "2", "--checkpoint_every", "2"]
+    output = launch_two_processes("--output_dir", str(tmp_path / "a"), *run)
+    assert output.count("trained ddpo to step 4") == 1  # one run of two processes, not two runs of one
+    assert sorted(p.name for p in (tmp_path / "a").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    final = tmp_path / "a" / FINAL_FOLDER
+    assert [p.name for p in final.glob("*.safetensors")] == ["pytorch_lora_weights.safetensors"]
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "a" / "base_pipeline")
+    pipe.load_lora_weights(final)
     assert pipe.get_active_adapters()
+
+    # Each process resumes its own generator and its own untaken transitions.
+    launch_two_processes("--output_dir", str(tmp_path / "b"), *run[:-2], "--checkpoint_every", "2",
+                         "--max_steps", "2")
+    launch_two_processes("--output_dir", str(tmp_path / "b"), *run, "--resume", "latest")
+    resumed = load_file(tmp_path / "b" / FINAL_FOLDER / "pytorch_lora_weights.safetensors")
+    for name, weight in load_file(final / "pytorch_lora_weights.safetensors").items():
+        torch.testing.assert_close(resumed[name], weight, msg=name)

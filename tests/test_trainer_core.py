@@ -388,7 +388,9 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_lora_and_ema_weights(tmp_pat
                                 resume_from=resume_from)
         return Trainer(method, tiny_unet(), data, config)
 
-    uninterrupted = trainer(tmp_path / "a", EpsilonMSE()).train()
+    counting = CrashingEpsilonMSE(crash_at_call=0)
+    uninterrupted = trainer(tmp_path / "a", counting).train()
+    assert counting.calls == 8
     with pytest.raises(Crash):
         trainer(tmp_path / "b", CrashingEpsilonMSE(crash_at_call=7)).train()  # killed during step 5
     assert latest_checkpoint(tmp_path / "b").name == "checkpoint-3"
@@ -400,6 +402,41 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_lora_and_ema_weights(tmp_pat
     for name, expected in uninterrupted.ema_weights.items():
         torch.testing.assert_close(resumed.ema_weights[name], expected, rtol=1e-6, atol=1e-7, msg=name)
     assert any(not torch.equal(uninterrupted.ema_weights[n], v) for n, v in trainable_state(resumed.model).items())
+
+
+class SplittingEpsilonMSE(CrashingEpsilonMSE):
+    """A sampling phase that turns each loader batch into its single items."""
+
+    def __init__(self, crash_at_call: int = 0):
+        super().__init__(crash_at_call)
+        self.rounds = 0
+
+    def collect(self, model, batch, generator):
+        assert not model.training and not torch.is_grad_enabled()
+        self.rounds += 1
+        return [{k: v[i:i + 1] for k, v in batch.items()} for i in range(len(batch["latents"]))]
+
+
+def test_a_sampling_phase_feeds_the_micro_steps_and_resumes_mid_round(tmp_path):
+    def trainer(output_dir, method, resume_from=None):
+        config = TrainingConfig(output_dir=str(output_dir), max_steps=4, batch_size=4, gradient_accumulation_steps=3,
+                                learning_rate=1e-2, lora_rank=2, checkpoint_every=1, resume_from=resume_from)
+        return Trainer(method, tiny_unet(), latent_data(8), config)
+
+    method = SplittingEpsilonMSE()
+    uninterrupted = trainer(tmp_path / "a", method).train()
+    # 4 steps of 3 micro-steps, each one item: 12 items from 3 loader batches of 4, no early sync at a round's end.
+    assert (method.calls, method.rounds) == (12, 3) and uninterrupted.model.training
+    with pytest.raises(Crash):
+        trainer(tmp_path / "b", SplittingEpsilonMSE(crash_at_call=8)).train()  # during step 3, mid-round
+    assert latest_checkpoint(tmp_path / "b").name == "checkpoint-2"
+    resumed_method = SplittingEpsilonMSE()
+    resumed = trainer(tmp_path / "b", resumed_method, resume_from="latest").train()
+    assert resumed_method.rounds == 1  # the checkpoint's untaken items first, then one new round
+    assert resumed.losses == pytest.approx(uninterrupted.losses[2:], rel=1e-6)
+    for (name, expected), actual in zip(trainable_state(uninterrupted.model).items(),
+                                        trainable_state(resumed.model).values(), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7, msg=name)
 
 
 class NoGradientCheckpointing(torch.nn.Module):

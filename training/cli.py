@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .trainer import Trainer, TrainingConfig, TrainingMethod, TrainingResult, coerce_field
+from .trainer import Trainer, TrainingConfig, TrainingMethod, TrainingResult, coerce_field, process_state
 
 MethodFactory = Callable[[TrainingConfig, argparse.Namespace], tuple[TrainingMethod, torch.nn.Module, Dataset]]
 FINAL_FOLDER = "final"
@@ -32,7 +32,6 @@ PATCH_SIZE = 32
 def masked_diffusion_lm(config: TrainingConfig, args: argparse.Namespace):
     """MDLM / RADD on Python's documentation: a 400-token BPE tokenizer (saved to ``output_dir/tokenizer``) and a
     2-layer BERT, on 32-token chunks."""
-    from accelerate import PartialState
     from transformers import BertConfig, BertForMaskedLM
 
     from ..schedulers import MaskedDiffusionScheduler
@@ -41,7 +40,7 @@ def masked_diffusion_lm(config: TrainingConfig, args: argparse.Namespace):
 
     paragraphs = pydoc_paragraphs()
     tokenizer = train_tokenizer(paragraphs[:400], vocab_size=400)
-    if PartialState().is_main_process:  # the model is useless without the tokenizer this run trained
+    if process_state().is_main_process:  # the model is useless without the tokenizer this run trained
         tokenizer.save_pretrained(Path(config.output_dir) / "tokenizer")
     torch.manual_seed(config.seed)
     model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,

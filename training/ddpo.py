@@ -26,6 +26,7 @@ import torch
 
 from ..diffusion_math import ddim_step_distribution, per_sample, x0_and_eps_from_prediction
 from .policy_gradient import Conditioning, PolicyGradientObjective, Reward
+from .trainer import process_state
 
 
 def at_steps(values: torch.Tensor, step: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -39,6 +40,11 @@ def clipped_x0(x0: torch.Tensor, scheduler_config: Any) -> torch.Tensor:
         limit = scheduler_config["clip_sample_range"]
         return x0.clamp(-limit, limit)
     return x0
+
+
+def check_step_count(num_inference_steps: Any, minimum: int, method: str) -> None:
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < minimum:
+        raise ValueError(f"{method} needs an integer num_inference_steps >= {minimum}, got {num_inference_steps!r}")
 
 
 def check_policy_scheduler(scheduler: Any, expected: type, method: str) -> None:
@@ -59,8 +65,7 @@ class DDIMPolicy:
         check_policy_scheduler(scheduler, DDIMScheduler, "DDPO")
         if not eta > 0:
             raise ValueError(f"DDPO needs a stochastic sampler (eta > 0); eta = {eta!r} makes every step deterministic")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        check_step_count(num_inference_steps, 1, "DDPO")
         grid = DDIMScheduler.from_config(scheduler.config)
         grid.set_timesteps(num_inference_steps)
         self.config = grid.config
@@ -71,7 +76,9 @@ class DDIMPolicy:
                                         torch.as_tensor(grid.final_alpha_cumprod, dtype=torch.float64))
         self.alpha, self.sigma = alphas_cumprod[self.timesteps].sqrt(), (1 - alphas_cumprod[self.timesteps]).sqrt()
         self.alpha_next, self.sigma_next = following_cumprod.sqrt(), (1 - following_cumprod).sqrt()
-        self.num_inference_steps, self.num_transitions = num_inference_steps, num_inference_steps
+        # With set_alpha_to_one the last step lands on abar = 1: no noise, so no policy; it is part of ``final``.
+        self.num_inference_steps = num_inference_steps
+        self.num_transitions = num_inference_steps - int(self.sigma_next[-1] == 0)
         self.eta, self.guidance_scale = float(eta), float(guidance_scale)
 
     def transition(self, unet: torch.nn.Module, sample: torch.Tensor, step: torch.Tensor,
@@ -84,7 +91,10 @@ class DDIMPolicy:
                                       self.eta)
 
     def final(self, unet: torch.nn.Module, sample: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
-        return sample
+        if self.num_transitions == self.num_inference_steps:
+            return sample
+        last = torch.full((sample.shape[0],), self.num_inference_steps - 1, device=sample.device)
+        return self.transition(unet, sample, last, conditioning)[0]
 
     def pipeline_arguments(self, height: int, width: int) -> dict[str, Any]:
         """How the stock pipeline samples this policy."""
@@ -145,17 +155,25 @@ def toy_run(config: Any, args: Any = None, prompts: Sequence[str] = TOY_PROMPTS
     """``diffusers-ext train ddpo``: DDPO on JPEG compressibility with ``toy_pipeline`` (saved to
     ``output_dir/base_pipeline``, without which the adapter is useless), 10 DDIM steps at guidance 3, four
     prompts. Without ``lora_rank`` it fine-tunes the whole toy UNet."""
-    from pathlib import Path
-
-    from accelerate import PartialState
     from diffusers import DDIMScheduler
 
     from ..guidance.rewards import jpeg_compressibility
 
-    pipe = toy_pipeline(DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                      clip_sample=False, set_alpha_to_one=False, steps_offset=1), config.seed)
-    if PartialState().is_main_process:
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return toy_reward_run(config, scheduler, lambda pipe: DDPOObjective(
+        pipe, jpeg_compressibility, num_inference_steps=10, guidance_scale=3.0, images_per_prompt=4, min_count=4,
+        validation_prompts=prompts[:1]), prompts)
+
+
+def toy_reward_run(config: Any, scheduler: Any, make_method: Any, prompts: Sequence[str]
+                   ) -> tuple[PolicyGradientObjective, torch.nn.Module, list[str]]:
+    """``make_method(toy_pipeline(scheduler, config.seed))`` with the pipeline saved to ``output_dir/base_pipeline``
+    (without it the adapter is useless), its UNet to train, and the prompts."""
+    from pathlib import Path
+
+
+    pipe = toy_pipeline(scheduler, config.seed)
+    if process_state().is_main_process:
         pipe.save_pretrained(Path(config.output_dir) / "base_pipeline")
-    method = DDPOObjective(pipe, jpeg_compressibility, num_inference_steps=10, guidance_scale=3.0,
-                           images_per_prompt=4, min_count=4, validation_prompts=prompts[:1])
-    return method, pipe.unet.train(), list(prompts)
+    return make_method(pipe), pipe.unet.train(), list(prompts)

@@ -46,6 +46,7 @@ from ..diffusion_math import (
     x0_and_eps_from_prediction,
 )
 from .lora import adapters_disabled, lora_base_model, sample_images
+from .trainer import process_state
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -276,7 +277,6 @@ def toy_run(config: Any, args: Any = None) -> tuple[LCMLoRADistillation, torch.n
     ``--lora_rank``; the reference script wraps ``LCM_LORA_TARGET_MODULES``."""
     from pathlib import Path
 
-    from accelerate import PartialState
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
     torch.manual_seed(config.seed)
@@ -284,7 +284,7 @@ def toy_run(config: Any, args: Any = None) -> tuple[LCMLoRADistillation, torch.n
                                 layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
                                 attention_head_dim=4, norm_num_groups=4)
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         unet.save_pretrained(Path(config.output_dir) / "base_unet")
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)

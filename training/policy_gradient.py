@@ -32,12 +32,12 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
-from accelerate import PartialState
 from accelerate.utils import extract_model_from_parallel, gather_object
 
 from ..guidance.steering import check_reward_values
 from ..pipelines.restoration.pipeline_restoration import decode_latents
 from .lora import unet_swapped
+from .trainer import process_state
 
 Reward = Callable[[torch.Tensor], torch.Tensor]
 NORMALIZER_EPSILON = 1e-6
@@ -48,6 +48,7 @@ class DenoisingPolicy(Protocol):
     """A sampler seen as a policy: ``num_transitions`` stochastic steps, each a Gaussian, then a final map."""
 
     num_transitions: int
+    guidance_scale: float
 
     def transition(self, unet: torch.nn.Module, sample: torch.Tensor, step: torch.Tensor,
                    conditioning: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,6 +56,9 @@ class DenoisingPolicy(Protocol):
 
     def final(self, unet: torch.nn.Module, sample: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         """The generated latents, from the state after the last transition."""
+
+    def pipeline_arguments(self, height: int, width: int) -> dict[str, Any]:
+        """The stock pipeline's arguments that sample this policy."""
 
 
 @dataclass
@@ -94,6 +98,14 @@ class Conditioning:
     def classifier_free(self) -> bool:
         return self.guidance_scale > 1 and self.timestep_cond is None
 
+    def to(self, device: torch.device | str) -> Conditioning:
+        return replace(self, prompt_embeds=self.prompt_embeds.to(device),
+                       negative_prompt_embeds=self.negative_prompt_embeds.to(device),
+                       timestep_cond=None if self.timestep_cond is None else self.timestep_cond.to(device),
+                       added_cond=None if self.added_cond is None else
+                       {k: (negative.to(device), positive.to(device)) for k, (negative, positive) in
+                        self.added_cond.items()})
+
     def select(self, index: torch.Tensor) -> Conditioning:
         """The conditioning of the samples ``index``."""
         return replace(self, prompt_embeds=self.prompt_embeds[index],
@@ -117,8 +129,9 @@ class Conditioning:
 
 
 def gaussian_log_density(value: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """``mean_d log N(value_d; mean_d, std^2)`` per sample, ``(B,)``: DDPO's per-dimension log-probability."""
-    std = std.expand_as(mean)
+    """``mean_d log N(value_d; mean_d, std^2)`` per sample, ``(B,)``: DDPO's per-dimension log-probability. In
+    float32 whatever the inputs' precision: PPO's ratio of two of them is clipped at ``1 +- 1e-4``."""
+    value, mean, std = value.float(), mean.float(), std.float().expand_as(mean)
     log_density = -((value - mean) ** 2) / (2 * std**2) - std.log() - LOG_SQRT_TWO_PI
     return log_density.flatten(1).mean(dim=1)
 
@@ -160,6 +173,17 @@ class RewardNormalizer:
 
     def load_state_dict(self, state: Mapping[str, list[float]]) -> None:
         self.buffers = {prompt: deque(values, maxlen=self.buffer_size) for prompt, values in state.items()}
+
+
+@dataclass
+class Round:
+    """One sampling phase: trajectories' states ``(B, K + 1, ...)``, transition log-probabilities ``(B, K)``,
+    advantages ``(B,)`` and conditioning."""
+
+    states: torch.Tensor
+    log_probs: torch.Tensor
+    advantages: torch.Tensor
+    conditioning: Conditioning
 
 
 class PolicyGradientObjective:
@@ -232,7 +256,7 @@ class PolicyGradientObjective:
     def sample(self, unet: torch.nn.Module, prompts: Sequence[str], generator: torch.Generator
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Conditioning]:
         """One trajectory per prompt: the states ``(B, K + 1, C, h, w)``, the log-probabilities ``(B, K)`` of
-        their transitions, and the images ``(B, 3, H, W)`` in ``[0, 1]``."""
+        their transitions, the images ``(B, 3, H, W)`` in ``[0, 1]``, and the prompts' ``Conditioning``."""
         device = next(unet.parameters()).device
         conditioning = self.conditioning(prompts, device)
         shape = (len(prompts), unet.config.in_channels, self.height // self.pipeline.vae_scale_factor,
@@ -253,32 +277,43 @@ class PolicyGradientObjective:
     def collect(self, model: torch.nn.Module, prompts: Sequence[str], generator: torch.Generator) -> list[dict]:
         prompts = [p for p in prompts for _ in range(self.images_per_prompt)]
         states, log_probs, images, conditioning = self.sample(model, prompts, generator)
-        rewards = check_reward_values(self.reward(images), len(prompts), "the reward").cpu()
-        # Every process normalises the whole round, so that their statistics and buffers agree.
-        everyone = gather_object(list(zip(prompts, rewards.tolist(), strict=True)))
-        all_prompts, all_rewards = [p for p, _ in everyone], torch.tensor([r for _, r in everyone])
-        start = PartialState().process_index * len(prompts)
-        advantages = self.normalizer(all_prompts, all_rewards)[start:start + len(prompts)]
-        self.last_terms = {"reward": float(all_rewards.mean()), "reward_std": float(all_rewards.std(correction=0))}
+        advantages = self.advantages(prompts, self.reward(images))
+        # One copy of the round, on the CPU (checkpoints keep it); each batch names its transitions in it.
+        sampled = Round(states.cpu(), log_probs.cpu(), advantages, conditioning.to("cpu"))
         trajectory, step = torch.meshgrid(torch.arange(len(prompts)), torch.arange(self.policy.num_transitions),
                                           indexing="ij")
         trajectory, step = trajectory.flatten(), step.flatten()
-        batches = []
-        for _ in range(self.num_inner_epochs):
-            order = torch.randperm(len(trajectory), generator=generator)
-            for chunk in order.split(self.transitions_per_batch):
-                i, k = trajectory[chunk], step[chunk]
-                batches.append({"sample": states[i, k], "next_sample": states[i, k + 1], "step": k,
-                                "old_log_prob": log_probs[i, k], "advantage": advantages[i],
-                                "conditioning": conditioning.select(i.to(states.device))})
-        return batches
+        return [{"round": sampled, "trajectory": trajectory[chunk], "step": step[chunk]}
+                for _ in range(self.num_inner_epochs)
+                for chunk in torch.randperm(len(trajectory), generator=generator).split(self.transitions_per_batch)]
+
+    def advantages(self, prompts: Sequence[str], rewards: Any) -> torch.Tensor:
+        """This process's normalised rewards; every process normalises the whole round (gathered), so that their
+        statistics agree, and raises together when any reward is bad (a lone raise would leave the others waiting)."""
+        try:
+            pairs, problem = list(zip(prompts, check_reward_values(rewards, len(prompts), "the reward").tolist(),
+                                      strict=True)), None
+        except ValueError as error:
+            pairs, problem = [], str(error)
+        everyone = gather_object([(problem, pairs)])
+        problems = [problem for problem, _ in everyone if problem]
+        if problems:
+            raise ValueError(problems[0])
+        pairs = [pair for _, process_pairs in everyone for pair in process_pairs]
+        all_prompts, all_rewards = [p for p, _ in pairs], torch.tensor([r for _, r in pairs])
+        self.last_terms = {"reward": float(all_rewards.mean()), "reward_std": float(all_rewards.std(correction=0))}
+        start = process_state().process_index * len(prompts)
+        return self.normalizer(all_prompts, all_rewards)[start:start + len(prompts)]
 
     def loss(self, model: torch.nn.Module, batch: Mapping[str, Any], generator: torch.Generator) -> torch.Tensor:
-        sample = batch["sample"]
-        mean, std = self.policy.transition(model, sample, batch["step"].to(sample.device), batch["conditioning"])
-        log_prob = gaussian_log_density(batch["next_sample"], mean.float(), std.float())
-        return ppo_clipped_loss(log_prob, batch["old_log_prob"], batch["advantage"].to(sample.device),
-                                self.clip_range, self.advantage_clip)
+        sampled, trajectory, step = batch["round"], batch["trajectory"].cpu(), batch["step"].cpu()
+        device = next(model.parameters()).device
+        sample = sampled.states[trajectory, step].to(device)
+        mean, std = self.policy.transition(model, sample, step.to(device),
+                                           sampled.conditioning.select(trajectory).to(device))
+        log_prob = gaussian_log_density(sampled.states[trajectory, step + 1].to(device), mean, std)
+        return ppo_clipped_loss(log_prob, sampled.log_probs[trajectory, step].to(device),
+                                sampled.advantages[trajectory].to(device), self.clip_range, self.advantage_clip)
 
     def validate(self, model: torch.nn.Module, step: int, folder: Any) -> list:
         if not self.validation_prompts:

@@ -15,6 +15,10 @@ The policy is LCM's multistep sampler (``LCMPolicy``) on the timesteps ``tau_0 >
 and the last step returns ``f(x_{N-1})`` with no noise, so a trajectory has ``N - 1`` stochastic transitions. This is
 what ``LCMScheduler.step`` draws, so the trained model is sampled with the stock pipeline and ``LCMScheduler``. The
 loss and the sampling phase are ``policy_gradient.PolicyGradientObjective``'s.
+
+The official code also draws a last, N-th transition around ``sqrt(abar) f(x_{N-1})`` and trains on its
+log-probability, though the image is ``f(x_{N-1})`` itself: that action does not change the reward, so its term has
+zero expected gradient and only adds variance; it is left out here.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 import torch
 
 from ..diffusion_math import x0_and_eps_from_prediction
-from .ddpo import TOY_PROMPTS, at_steps, check_policy_scheduler, clipped_x0, toy_pipeline
+from .ddpo import TOY_PROMPTS, at_steps, check_policy_scheduler, check_step_count, clipped_x0, toy_reward_run
 from .lcm_lora import lcm_boundary_scalings
 from .policy_gradient import Conditioning, PolicyGradientObjective, Reward
 
@@ -37,9 +41,7 @@ class LCMPolicy:
         from diffusers import LCMScheduler
 
         check_policy_scheduler(scheduler, LCMScheduler, "RLCM")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 2:
-            raise ValueError(f"RLCM needs num_inference_steps >= 2 (one step is deterministic, no policy to train), "
-                             f"got {num_inference_steps!r}")
+        check_step_count(num_inference_steps, 2, "RLCM (one step is deterministic: no policy to train)")
         grid = LCMScheduler.from_config(scheduler.config)
         grid.set_timesteps(num_inference_steps)
         self.config = grid.config
@@ -102,16 +104,11 @@ def toy_run(config: Any, args: Any = None, prompts: Sequence[str] = TOY_PROMPTS
     """``diffusers-ext train rlcm``: RLCM on JPEG compressibility with the random ``ddpo.toy_pipeline`` sampled by
     ``LCMScheduler`` (saved to ``output_dir/base_pipeline``), 4 steps, four prompts. Without ``lora_rank`` it
     fine-tunes the whole toy UNet."""
-    from pathlib import Path
-
-    from accelerate import PartialState
     from diffusers import LCMScheduler
 
     from ..guidance.rewards import jpeg_compressibility
 
-    pipe = toy_pipeline(LCMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), config.seed)
-    if PartialState().is_main_process:
-        pipe.save_pretrained(Path(config.output_dir) / "base_pipeline")
-    method = RLCMObjective(pipe, jpeg_compressibility, num_inference_steps=4, images_per_prompt=4, min_count=4,
-                           validation_prompts=prompts[:1])
-    return method, pipe.unet.train(), list(prompts)
+    scheduler = LCMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    return toy_reward_run(config, scheduler, lambda pipe: RLCMObjective(
+        pipe, jpeg_compressibility, num_inference_steps=4, images_per_prompt=4, min_count=4,
+        validation_prompts=prompts[:1]), prompts)

@@ -21,13 +21,16 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import yaml
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 from accelerate.utils import (
     DataLoaderConfiguration,
     GradientAccumulationPlugin,
     LoggerType,
     ProjectConfiguration,
+    gather_object,
+    parse_flag_from_env,
+    send_to_device,
     set_seed,
 )
 from torch.utils.data import DataLoader, Dataset
@@ -257,6 +260,13 @@ class TrainingResult:
     ema_weights: dict[str, torch.Tensor] | None = None
 
 
+def process_state() -> PartialState:
+    """accelerate's process state as the ``Trainer``'s ``Accelerator`` sees it. ``PartialState()`` alone ignores
+    ``ACCELERATE_USE_CPU``, so asking it before the Trainer exists would pin an ``accelerate launch`` on CPUs to one
+    process per worker."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     steps = {int(p.name[len(CHECKPOINT_PREFIX):]): p for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*")
              if re.fullmatch(r"\d+", p.name[len(CHECKPOINT_PREFIX):])}
@@ -367,9 +377,10 @@ class Trainer:
 
     # accelerate saves and restores these with every checkpoint
     def state_dict(self) -> dict:
-        state = {"step": self.step, "method": self.method.name, "generator": self.generator.get_state(),
-                 "config": asdict(self.config), "batches_drawn": self.batches_drawn,
-                 "pending_batches": self.pending_batches}
+        # accelerate writes this from the main process only, so every process's own part travels in it.
+        own = {"generator": self.generator.get_state(), "pending_batches": send_to_device(self.pending_batches, "cpu")}
+        state = {"step": self.step, "method": self.method.name, "config": asdict(self.config),
+                 "batches_drawn": self.batches_drawn, "processes": gather_object([own])}
         if callable(getattr(self.method, "state_dict", None)):  # a method with running statistics (Smooth-LoRA)
             state["method_state"] = self.method.state_dict()
         return state
@@ -377,9 +388,13 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         if state["method"] != self.method.name:
             raise ValueError(f"the checkpoint was written by method {state['method']!r}, not {self.method.name!r}")
-        self.step = state["step"]
-        self.batches_drawn, self.pending_batches = state["batches_drawn"], state["pending_batches"]
-        self.generator.set_state(state["generator"])
+        if len(state["processes"]) != self.accelerator.num_processes:
+            raise ValueError(f"the checkpoint was written by {len(state['processes'])} process(es); resume it with as "
+                             f"many, not {self.accelerator.num_processes}")
+        self.step, self.batches_drawn = state["step"], state["batches_drawn"]
+        own = state["processes"][self.accelerator.process_index]
+        self.generator.set_state(own["generator"])
+        self.pending_batches = send_to_device(own["pending_batches"], self.accelerator.device)
         if "method_state" in state:
             self.method.load_state_dict(state["method_state"])
 
@@ -474,13 +489,14 @@ class Trainer:
 
     def _collect(self, batch: Any) -> list[Any]:
         model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
         model.eval()
         try:
             # Under the loss's autocast, so that the collected log-probabilities are the ones the first update sees.
             with torch.no_grad(), self.accelerator.autocast():
                 collected = list(self.method.collect(model, batch, self.generator))
         finally:
-            model.train()
+            model.train(was_training)
         if not collected:
             raise ValueError(f"the {self.method.name} sampling phase (collect) returned no training batches")
         return collected
