@@ -9,7 +9,6 @@ a trained UNet swapped into a pipeline for validation (``unet_swapped``), and se
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -20,10 +19,10 @@ import torch
 import yaml
 from accelerate.utils import extract_model_from_parallel
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
-from huggingface_hub import HfApi, ModelCard
+from huggingface_hub import ModelCard
 from peft.utils import get_peft_model_state_dict
 
-from ..hub import render_model_card
+from ..hub import render_model_card, upload_to_hub
 from .trainer import TrainingConfig
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -148,12 +147,7 @@ def save_lora_weights(model: torch.nn.Module, folder: str | os.PathLike, *,
 def push_lora_weights_to_hub(model: torch.nn.Module, repo_id: str, *, token: str | None = None,
                              private: bool | None = None, commit_message: str = "Upload LoRA with diffusers-ext",
                              **save_options: Any):
-    """``save_lora_weights`` into a temporary folder, then huggingface_hub's ``create_repo`` + ``upload_folder``.
-
-    Returns huggingface_hub's ``CommitInfo``.
-    """
-    with tempfile.TemporaryDirectory() as folder:
-        save_lora_weights(model, folder, repo_id=repo_id, **save_options)
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+    """``save_lora_weights`` into a temporary folder, then ``hub.upload_to_hub``. Returns huggingface_hub's
+    ``CommitInfo``."""
+    return upload_to_hub(lambda folder: save_lora_weights(model, folder, repo_id=repo_id, **save_options), repo_id,
+                         token=token, private=private, commit_message=commit_message)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -143,12 +144,17 @@ def push_to_hub(
     commit_message: str = "Upload with diffusers-ext",
     **card_fields: Any,
 ):
-    """``save_for_hub`` into a temporary folder, then ``create_repo`` + ``upload_folder`` with huggingface_hub.
+    """``save_for_hub`` into a temporary folder, then ``upload_to_hub``. Returns huggingface_hub's ``CommitInfo``."""
+    return upload_to_hub(lambda folder: save_for_hub(obj, folder, repo_id=repo_id, **card_fields), repo_id,
+                         token=token, private=private, commit_message=commit_message)
 
-    Returns huggingface_hub's ``CommitInfo``.
-    """
+
+def upload_to_hub(write: Callable[[Path], Any], repo_id: str, *, token: str | None = None,
+                  private: bool | None = None, commit_message: str = "Upload with diffusers-ext"):
+    """``write(folder)`` into a temporary folder, then huggingface_hub's ``create_repo`` (kept if it exists) and
+    ``upload_folder``. Returns huggingface_hub's ``CommitInfo``."""
     with tempfile.TemporaryDirectory() as folder:
-        save_for_hub(obj, folder, repo_id=repo_id, **card_fields)
+        write(Path(folder))
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
         return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
