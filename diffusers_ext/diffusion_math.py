@@ -60,16 +60,23 @@ def noise_path_from_scheduler_config(scheduler_config: Mapping[str, Any]) -> str
     )
 
 
-def vp_alphas_cumprod(scheduler_config: Mapping[str, Any]) -> torch.Tensor:
-    """``alphas_cumprod`` of a VP scheduler config, computed by diffusers' own ``DDPMScheduler`` (float32, as every
-    VP scheduler holds it), so that our math and the samplers' math cannot disagree."""
+def vp_betas(scheduler_config: Mapping[str, Any]) -> torch.Tensor:
+    """``betas`` of a VP scheduler config, computed by diffusers' own ``DDPMScheduler`` (float32, as every VP
+    scheduler holds them; zero-terminal-SNR rescaling included), so that our math and the samplers' math cannot
+    disagree."""
     from diffusers import DDPMScheduler
 
     schedule = {key: scheduler_config[key] for key in VP_SCHEDULE_KEYS if key in scheduler_config}
     try:
-        return DDPMScheduler(**schedule).alphas_cumprod.clone()
+        return DDPMScheduler(**schedule).betas.clone()
     except NotImplementedError as error:
         raise ValueError(f"unsupported beta_schedule in scheduler config: {error}") from error
+
+
+def vp_alphas_cumprod(scheduler_config: Mapping[str, Any]) -> torch.Tensor:
+    """``alphas_cumprod`` of a VP scheduler config: ``cumprod(1 - betas)`` in float32, as ``DDPMScheduler`` and every
+    VP scheduler compute it."""
+    return torch.cumprod(1.0 - vp_betas(scheduler_config), dim=0)
 
 
 def vp_alpha_sigma(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,9 +1,10 @@
 """Plumbing shared by diffusers-ext's VP (DDPM-family) schedulers, so that each scheduler file holds only its method.
 
-It covers the training schedule (``alphas_cumprod`` from the config, through ``diffusers_ext.diffusion_math``), the
-inference grid and its checks (``timestep_spacing`` as ``DPMSolverMultistepScheduler`` defines it, or custom
-``timesteps=`` / ``sigmas=``), the step counter that img2img's ``set_begin_index`` drives, and the forward process
-(``add_noise``). Noise levels are kept as ``rho = sigma / alpha`` (diffusers' VP ``sigmas``).
+It covers the training schedule (``betas``, ``alphas`` and ``alphas_cumprod`` from the config, through
+``diffusers_ext.diffusion_math``), the inference grid and its checks (``timestep_spacing`` as
+``DPMSolverMultistepScheduler`` defines it, or custom ``timesteps=`` / ``sigmas=``), the step counter that img2img's
+``set_begin_index`` drives, and the forward process (``add_noise``). Noise levels are kept as ``rho = sigma / alpha``
+(diffusers' VP ``sigmas``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from diffusers.utils import BaseOutput
 from ..diffusion_math import (
     check_prediction_type,
     vp_alpha_sigma,
-    vp_alphas_cumprod,
+    vp_betas,
     vp_noise_ratio,
     vp_timesteps_from_noise_ratio,
     x0_and_eps_from_prediction,
@@ -103,7 +104,9 @@ class VPDiscreteScheduler(StepCounterMixin, SchedulerMixin, ConfigMixin):
             raise ValueError(f"final_sigmas_type must be one of {FINAL_SIGMA_TYPES}, got {self.config.final_sigmas_type!r}")
         if self.config.timestep_spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {self.config.timestep_spacing!r}")
-        self.alphas_cumprod = vp_alphas_cumprod(self.config)
+        self.betas = vp_betas(self.config)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         if self.alphas_cumprod[-1] == 0:
             self.alphas_cumprod[-1] = ZERO_SNR_ALPHA_CUMPROD
         self.init_noise_sigma = 1.0
