@@ -20,7 +20,7 @@ All expectations use fixed random numbers, so the objective is deterministic.
   (no slack ball around the noise), and the coordinate search above instead of RMSprop on softmax logits (it needs
   no gradient through the scheduler, so any scheduler works).
 
-The result is written to the scheduler's config as ``sigma_schedule``, so ``save_pretrained`` / ``from_pretrained``
+The result is written to the scheduler's config as ``sampling_schedule``, so ``save_pretrained`` / ``from_pretrained``
 keep it; diffusers-ext schedulers sample on it for every ``num_inference_steps`` (log-linearly resampled), and for
 stock schedulers ``OptimizedSchedule.timesteps`` goes to the pipeline call (``pipe(..., timesteps=...)``).
 """
@@ -73,7 +73,7 @@ def optimize_timesteps(
     seed: int = 0,
     progress: bool = True,
 ) -> OptimizedSchedule:
-    """Optimise ``scheduler``'s sampling schedule for ``model`` and store it in ``scheduler.config.sigma_schedule``.
+    """Optimise ``scheduler``'s sampling schedule for ``model`` and store it in ``scheduler.config.sampling_schedule``.
 
     Args:
         scheduler: a VP scheduler whose ``set_timesteps`` accepts ``sigmas=`` (diffusers-ext's) or ``timesteps=``.
@@ -118,7 +118,7 @@ def optimize_timesteps(
     levels, history = _coordinate_search(objective, initial, num_candidates, max_sweeps, method == "ays", progress)
     sigmas = levels[:-1].tolist()
     timesteps = vp_timesteps_from_noise_ratio(torch.tensor(sigmas, dtype=torch.float64), alphas_cumprod).round().long().tolist()
-    scheduler.register_to_config(sigma_schedule=sigmas)
+    scheduler.register_to_config(sampling_schedule=sigmas)
     return OptimizedSchedule(sigmas=sigmas, timesteps=timesteps, objective=history)
 
 

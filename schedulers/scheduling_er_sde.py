@@ -105,8 +105,9 @@ class ERSDESolverScheduler(VPDiscreteScheduler):
             (as ``DPMSolverMultistepScheduler`` does, for stability at very few steps).
         timestep_spacing, steps_offset: how ``num_inference_steps`` are spread over the training timesteps.
         final_sigmas_type: ``"zero"`` or ``"sigma_min"``.
-        sigma_schedule: noise levels ``rho`` to sample at (``optimize_timesteps`` writes it); used, log-linearly
-            resampled, for any ``num_inference_steps`` instead of ``timestep_spacing``.
+        sampling_schedule: the noise levels ``rho`` to sample at, for any ``num_inference_steps`` (log-linearly
+            resampled) instead of ``timestep_spacing``: a name from ``sampling_schedules.NAMED_SCHEDULES``
+            (e.g. ``"ays"``), a list (``optimize_timesteps`` writes one), or ``None`` for ``timestep_spacing``.
     """
 
     @register_to_config
@@ -125,7 +126,7 @@ class ERSDESolverScheduler(VPDiscreteScheduler):
         steps_offset: int = 0,
         final_sigmas_type: str = "zero",
         rescale_betas_zero_snr: bool = False,
-        sigma_schedule: list[float] | None = None,
+        sampling_schedule: str | list[float] | None = None,
     ):
         if solver_order not in (1, 2, 3):
             raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}")

@@ -33,6 +33,7 @@ each sample. The paper's CIFAR-10 settings: ``window_size`` 40 / 30 / 8 / 2 for 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -68,6 +69,9 @@ class TimeShiftScheduler(VPDiscreteScheduler):
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr,
         prediction_type, timestep_spacing, steps_offset, set_alpha_to_one, final_sigmas_type, lower_order_final:
             passed to the base scheduler (whose own defaults fill in the rest).
+        sampling_schedule: the noise levels to sample at instead of the base scheduler's grid: a name from
+            ``sampling_schedules.NAMED_SCHEDULES`` (e.g. ``"ays"``), a list of levels ``rho``, or ``None`` (the base
+            scheduler's grid), as in ``ERSDESolverScheduler``.
     """
 
     @register_to_config
@@ -88,6 +92,7 @@ class TimeShiftScheduler(VPDiscreteScheduler):
         final_sigmas_type: str = "zero",
         lower_order_final: bool = True,
         rescale_betas_zero_snr: bool = False,
+        sampling_schedule: str | list[float] | None = None,
     ):
         if base_scheduler not in BASE_SCHEDULERS:
             raise ValueError(f"base_scheduler must be one of {sorted(BASE_SCHEDULERS)}, got {base_scheduler!r}")
@@ -105,22 +110,37 @@ class TimeShiftScheduler(VPDiscreteScheduler):
         base_config = {k: v for k, v in self.config.items() if k in keys and v is not None}
         return base_class(**base_config)
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        """The base scheduler's grid for ``num_inference_steps``; shifted entries are written during sampling."""
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: Sequence[float] | torch.Tensor | None = None,
+        sigmas: Sequence[float] | torch.Tensor | None = None,
+    ) -> None:
+        """The base scheduler's grid for ``num_inference_steps``, or ``config.sampling_schedule``'s, or custom
+        ``timesteps`` / ``sigmas`` (as in ``VPDiscreteScheduler.set_timesteps``); shifted entries are written during
+        sampling."""
+        if timesteps is not None or sigmas is not None or self.config.sampling_schedule is not None:
+            super().set_timesteps(num_inference_steps, device, timesteps, sigmas)
+            return
         check_num_inference_steps(num_inference_steps, self.config.num_train_timesteps)
         self.base.set_timesteps(num_inference_steps, device="cpu")
         scheduled = self.base.timesteps.clone()
+        self.num_inference_steps = len(scheduled)
+        self.timesteps = scheduled.to(device)
+        self.sigmas = torch.cat([self._noise_ratio_at(scheduled), self._final_noise_ratio()])
+        self._reset_step_index()
+        self._on_set_timesteps()
+
+    def _final_noise_ratio(self) -> torch.Tensor:
         if isinstance(self.base, DDIMScheduler):
             final_abar = float(self.base.final_alpha_cumprod)
-            final = ((1 - final_abar) / final_abar) ** 0.5
-        else:
-            final = float(self.base.sigmas[-1])
-        self.noise_levels = [*self._noise_ratio_at(scheduled).tolist(), final]
-        self.scheduled_timesteps = scheduled
-        self.timesteps = scheduled.clone().to(device)
-        self.num_inference_steps = len(scheduled)
-        self.sigmas = torch.tensor(self.noise_levels, dtype=torch.float64)
-        self._reset_step_index()
+            return torch.tensor([((1 - final_abar) / final_abar) ** 0.5], dtype=torch.float64)
+        return super()._final_noise_ratio()
+
+    def _on_set_timesteps(self) -> None:
+        self.noise_levels = self.sigmas.tolist()
+        self.scheduled_timesteps = self.timesteps.cpu().clone()
         self._x0_previous, self._rho_previous = None, None
         self._warned = False
 

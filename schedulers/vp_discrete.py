@@ -26,6 +26,7 @@ from ..diffusion_math import (
     vp_timesteps_from_noise_ratio,
     x0_and_eps_from_prediction,
 )
+from .sampling_schedules import clip_to_range, sampling_schedule_levels
 from .step_counter import StepCounterMixin
 
 # diffusers' zero-terminal-SNR schedulers clip the last alphas_cumprod to this, so that rho stays finite.
@@ -91,11 +92,21 @@ def check_num_inference_steps(num_inference_steps, num_train_timesteps: int) -> 
 
 class VPDiscreteScheduler(StepCounterMixin, SchedulerMixin, ConfigMixin):
     """Base class; a subclass registers its config (with the VP schedule keys, ``prediction_type``,
-    ``timestep_spacing``, ``steps_offset``, ``final_sigmas_type`` and ``sigma_schedule``), calls ``_init_vp_schedule()`` in ``__init__``
-    and implements ``step``. ``_on_set_timesteps()`` runs after every ``set_timesteps``."""
+    ``timestep_spacing``, ``steps_offset``, ``final_sigmas_type`` and ``sampling_schedule``), calls
+    ``_init_vp_schedule()`` in ``__init__`` and implements ``step``. ``_on_set_timesteps()`` runs after every
+    ``set_timesteps``."""
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 1
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # diffusers-ext 0.1 saved a learned schedule as `sigma_schedule`, the key under which EDM schedulers keep a
+        # string; read such a list as `sampling_schedule` (for configs saved by that release).
+        legacy = config_dict.get("sigma_schedule")
+        if isinstance(legacy, list) and "sampling_schedule" not in config_dict:
+            config_dict = {**config_dict, "sampling_schedule": legacy}
+        return super().extract_init_dict(config_dict, **kwargs)
 
     def _init_vp_schedule(self) -> None:
         if check_prediction_type(self.config.prediction_type) == "flow_prediction":
@@ -113,6 +124,7 @@ class VPDiscreteScheduler(StepCounterMixin, SchedulerMixin, ConfigMixin):
         self.num_inference_steps = None
         self.timesteps = torch.arange(self.config.num_train_timesteps - 1, -1, -1)
         self.sigmas = vp_noise_ratio(self.alphas_cumprod).flip(0)
+        self._sampling_levels()  # a bad sampling_schedule raises here, not at the first set_timesteps
         self._reset_step_index()
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
@@ -125,17 +137,19 @@ class VPDiscreteScheduler(StepCounterMixin, SchedulerMixin, ConfigMixin):
         timesteps: Sequence[float] | torch.Tensor | None = None,
         sigmas: Sequence[float] | torch.Tensor | None = None,
     ) -> None:
-        """Set the inference grid: ``num_inference_steps`` spaced by ``config.timestep_spacing`` (or resampled from
-        ``config.sigma_schedule`` when it is set, e.g. by ``optimize_timesteps``), or custom ``timesteps`` (strictly decreasing training timesteps, possibly fractional) or ``sigmas`` (strictly decreasing
-        noise levels ``rho = sigma / alpha`` inside the schedule's range). Sampling ends at ``rho = 0``
-        (``final_sigmas_type="zero"``) or at timestep 0 (``"sigma_min"``)."""
+        """Set the inference grid: ``num_inference_steps`` levels of ``config.sampling_schedule``, log-linearly
+        resampled, or, when it is ``None``, spaced by ``config.timestep_spacing``; or custom ``timesteps`` (strictly
+        decreasing training timesteps, possibly fractional) or ``sigmas`` (strictly decreasing noise levels
+        ``rho = sigma / alpha`` inside the schedule's range, to a relative ``RANGE_RELATIVE_TOLERANCE``). Sampling
+        ends at ``rho = 0`` (``final_sigmas_type="zero"``) or at timestep 0 (``"sigma_min"``)."""
         num_train = self.config.num_train_timesteps
         if timesteps is not None and sigmas is not None:
             raise ValueError("pass at most one of `timesteps` and `sigmas`")
         custom = timesteps if timesteps is not None else sigmas
-        if custom is None and self.config.sigma_schedule is not None and num_inference_steps is not None:
+        levels = self._sampling_levels() if custom is None else None
+        if levels is not None and num_inference_steps is not None:
             check_num_inference_steps(num_inference_steps, num_train)
-            sigmas = custom = loglinear_resample(self.config.sigma_schedule, num_inference_steps)
+            sigmas = custom = loglinear_resample(levels, num_inference_steps)
         if custom is None:
             if num_inference_steps is None:
                 raise ValueError("pass num_inference_steps, timesteps or sigmas")
@@ -157,12 +171,13 @@ class VPDiscreteScheduler(StepCounterMixin, SchedulerMixin, ConfigMixin):
                 model_timesteps = values.long() if (values == values.round()).all() else values.float()
                 noise_levels = self._noise_ratio_at(values)
             else:
+                extremes = vp_noise_ratio(self.alphas_cumprod[[0, -1]]).tolist()
+                values = torch.from_numpy(clip_to_range(values.numpy(), *extremes, "sigmas"))
                 model_timesteps = vp_timesteps_from_noise_ratio(values, self.alphas_cumprod).float()
                 noise_levels = values
             # Distinct in float64 is not enough: the model is handed float32 (or integer) timesteps.
             check_strictly_decreasing(model_timesteps.double(), f"{name}, as float32 model timesteps,")
-        final = torch.zeros(1, dtype=torch.float64) if self.config.final_sigmas_type == "zero" \
-            else self._noise_ratio_at(torch.zeros(1))
+        final = self._final_noise_ratio()
         if final.item() >= noise_levels[-1].item():
             raise ValueError(f"the last noise level {noise_levels[-1].item():.4g} is not above the final one {final.item():.4g}")
         self.num_inference_steps = model_timesteps.numel()
@@ -173,6 +188,18 @@ class VPDiscreteScheduler(StepCounterMixin, SchedulerMixin, ConfigMixin):
 
     def _on_set_timesteps(self) -> None:
         """Precompute what ``step`` needs for the new grid."""
+
+    def _sampling_levels(self) -> np.ndarray | None:
+        """The noise levels of ``config.sampling_schedule`` (read at each ``set_timesteps``, so that a schedule
+        written to the config later, e.g. by ``optimize_timesteps``, applies)."""
+        extremes = vp_noise_ratio(self.alphas_cumprod[[0, -1]]).tolist()
+        return sampling_schedule_levels(self.config.sampling_schedule, self.config, *extremes)
+
+    def _final_noise_ratio(self) -> torch.Tensor:
+        """Where sampling ends, ``(1,)`` float64: ``rho = 0`` or the schedule's smallest noise level."""
+        if self.config.final_sigmas_type == "zero":
+            return torch.zeros(1, dtype=torch.float64)
+        return self._noise_ratio_at(torch.zeros(1))
 
     def _noise_ratio_at(self, timesteps: torch.Tensor) -> torch.Tensor:
         alpha, sigma = vp_alpha_sigma(timesteps, self.alphas_cumprod)

@@ -31,7 +31,7 @@ def test_ode_variant_converges_at_its_order(order):
     measurement = measure_convergence_order(
         lambda steps: ERSDESolverScheduler.from_config(
             SD_SCHEDULER_CONFIG, noise_scale="ode", solver_order=order, final_sigmas_type="sigma_min",
-            lower_order_final=False, sigma_schedule=karras_noise_levels(steps),
+            lower_order_final=False, sampling_schedule=karras_noise_levels(steps),
         ),
         SMOOTH_LAW, step_counts=(10, 20, 40, 80), timestep_end=0,
     )

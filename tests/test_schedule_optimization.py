@@ -34,7 +34,7 @@ def test_learned_schedule_beats_the_default_on_held_out_noise_and_round_trips(me
               else {"data": SMOOTH_LAW.sample(64, generator).view(64, *oracle.sample_shape)})
     result = optimize_timesteps(scheduler, model, 6, method=method, progress=False, max_sweeps=4, **inputs)
     assert result.objective[-1] < result.objective[0]
-    assert scheduler.config.sigma_schedule == result.sigmas and len(result.sigmas) == 6
+    assert scheduler.config.sampling_schedule == result.sigmas and len(result.sigmas) == 6
     after = _teacher_gap(scheduler, model, held_out, 6)
     # LD3 minimises this gap itself; AYS minimises a KL bound and helps it less (measured: 0.023 -> 0.014).
     assert after < before * (0.5 if method == "ld3" else 0.8), (before, after)
@@ -53,7 +53,7 @@ def test_stock_scheduler_gets_integer_timesteps_stored_in_its_config(tmp_path):
                                 teacher_steps=100)
     assert all(a > b for a, b in zip(result.timesteps, result.timesteps[1:], strict=False))
     scheduler.save_pretrained(tmp_path)
-    assert DPMSolverMultistepScheduler.from_pretrained(tmp_path).config.sigma_schedule == result.sigmas
+    assert DPMSolverMultistepScheduler.from_pretrained(tmp_path).config.sampling_schedule == result.sigmas
 
 
 def test_bad_inputs_raise():

@@ -1,9 +1,12 @@
 """The VP schedulers' training schedule and inference grids: what diffusers' own scheduler tests expect of them."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from diffusers.schedulers import AysSchedules
 
 from diffusers_ext.schedulers import ERSDESolverScheduler, TimeShiftScheduler
 from diffusers_ext.testing.sampler_accuracy import SD_SCHEDULER_CONFIG
@@ -27,3 +30,84 @@ def test_betas_and_alphas_are_ddims(scheduler_class, config):
     assert torch.equal(ours.betas, stock.betas)
     assert torch.equal(ours.alphas, stock.alphas)
     assert ours.betas.dtype == torch.float32
+
+
+def _scheduler_classes_of_diffusers():
+    import diffusers
+
+    for name in dir(diffusers):
+        candidate = getattr(diffusers, name)
+        if isinstance(candidate, type) and issubclass(candidate, diffusers.SchedulerMixin):
+            yield candidate
+
+
+def test_no_diffusers_scheduler_uses_our_schedule_key():
+    """``sampling_schedule`` travels through ``from_config`` to compatible schedulers: no diffusers scheduler may read
+    it as something else (``sigma_schedule``, the old name, is a string in the EDM schedulers)."""
+    import inspect
+
+    users = [c.__name__ for c in _scheduler_classes_of_diffusers()
+             if "sampling_schedule" in inspect.signature(c.__init__).parameters]
+    assert users == []
+
+
+@pytest.mark.parametrize("scheduler_class", VP_SCHEDULERS)
+def test_a_list_schedule_does_not_break_from_config_to_compatibles(scheduler_class):
+    ours = scheduler_class.from_config(SD_SCHEDULER_CONFIG, sampling_schedule=[10.0, 2.0, 0.5, 0.1])
+    compatibles = [c for c in ours.compatibles if c.__name__ != "DPMSolverSDEScheduler"]  # needs torchsde
+    assert {"EDMEulerScheduler", "DDIMScheduler"} <= {c.__name__ for c in compatibles}
+    for compatible in compatibles:
+        other = compatible.from_config(ours.config)
+        assert scheduler_class.from_config(other.config).config.sampling_schedule == [10.0, 2.0, 0.5, 0.1]
+
+
+@pytest.mark.parametrize("scheduler_class", VP_SCHEDULERS)
+@pytest.mark.parametrize("table", ["StableDiffusion", "StableDiffusionXL"])
+def test_diffusers_ays_tables_are_accepted_as_they_are(scheduler_class, table):
+    """diffusers' AYS tables round SD's largest noise level 14.6146 up to 14.615 and end with the final 0: both are
+    accepted, as a config schedule and as ``sigmas=``, and land on AYS's own timesteps."""
+    sigmas = AysSchedules[f"{table}Sigmas"]
+    scheduler = scheduler_class.from_config(SD_SCHEDULER_CONFIG, sampling_schedule=sigmas)
+    scheduler.set_timesteps(10)
+    np.testing.assert_allclose(scheduler.sigmas[1:-1].numpy(), sigmas[1:-1], rtol=1e-12)
+    assert scheduler.sigmas[0].item() == pytest.approx(14.6146, abs=1e-4)
+    np.testing.assert_allclose(scheduler.timesteps.numpy(), AysSchedules[f"{table}Timesteps"], atol=1.0)
+    scheduler.set_timesteps(sigmas=sigmas[:-1])
+    assert scheduler.num_inference_steps == 10
+    named = scheduler_class.from_config(SD_SCHEDULER_CONFIG, sampling_schedule="ays" if table == "StableDiffusion"
+                                        else "ays_sdxl")
+    named.set_timesteps(10)
+    torch.testing.assert_close(named.sigmas, scheduler.sigmas)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"sampling_schedule": [20.0, 1.0]}, r"range of noise levels \[0.02916\d*, 14.6146"),
+        ({"sampling_schedule": [14.0, 0.02]}, r"range of noise levels"),
+        ({"sampling_schedule": [1.0, 2.0]}, "strictly decreasing"),
+        ({"sampling_schedule": [1.0]}, "at least two"),
+        ({"sampling_schedule": "karras"}, "must be one of"),
+        ({"sampling_schedule": "ays", "beta_schedule": "linear"}, "made for the training schedule"),
+    ],
+)
+def test_bad_sampling_schedules_raise_at_construction(config, message):
+    with pytest.raises(ValueError, match=message):
+        ERSDESolverScheduler.from_config({**SD_SCHEDULER_CONFIG, **config})
+
+
+def test_sigmas_out_of_range_raise():
+    with pytest.raises(ValueError, match="range of noise levels"):
+        ERSDESolverScheduler.from_config(SD_SCHEDULER_CONFIG).set_timesteps(sigmas=[14.7, 1.0])
+
+
+def test_config_saved_under_the_old_key_still_loads(tmp_path):
+    """diffusers-ext 0.1 wrote a learned schedule as ``sigma_schedule``."""
+    ERSDESolverScheduler.from_config(SD_SCHEDULER_CONFIG).save_pretrained(tmp_path)
+    path = tmp_path / "scheduler_config.json"
+    saved = json.loads(path.read_text())
+    del saved["sampling_schedule"]
+    path.write_text(json.dumps({**saved, "sigma_schedule": [10.0, 1.0, 0.1]}))
+    loaded = ERSDESolverScheduler.from_pretrained(tmp_path)
+    loaded.set_timesteps(3)
+    assert loaded.sigmas[:-1].tolist() == pytest.approx([10.0, 1.0, 0.1])

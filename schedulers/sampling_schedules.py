@@ -1,0 +1,119 @@
+"""Known-good sampling schedules, selectable by name in the ``sampling_schedule`` config key of diffusers-ext's VP
+schedulers (``ERSDESolverScheduler``, ``TimeShiftScheduler``), and the checks a schedule passes before it is used.
+
+A schedule is a descending list of noise levels ``rho = sigma / alpha`` (diffusers' VP ``sigmas``) at which the model
+is called, made for one training schedule; ``set_timesteps(n)`` resamples it log-linearly to ``n`` levels. Named ones:
+
+- ``"ays"``: Align Your Steps' 10-step table for Stable Diffusion 1.5 ("Align Your Steps: Optimizing Sampling
+  Schedules in Diffusion Models", Sabour et al., arXiv 2404.14507), as diffusers ships it
+  (``diffusers.schedulers.AysSchedules["StableDiffusionSigmas"]``).
+- ``"ays_sdxl"``: the same paper's table for SDXL (``AysSchedules["StableDiffusionXLSigmas"]``).
+
+Both were optimised for SD's training schedule (``scaled_linear`` betas from 0.00085 to 0.012 over 1000 steps), which
+SD 1.x, SD 2.x and SDXL share, so a scheduler config cannot tell those models apart.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from diffusers.schedulers import AysSchedules
+
+# Published tables round the largest noise level (SD: 14.6146) to 14.615: levels this close beyond the schedule's
+# range are clipped to it; anything further out is refused.
+RANGE_RELATIVE_TOLERANCE = 1e-4
+
+STABLE_DIFFUSION_TRAINING_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "trained_betas": None,
+    "rescale_betas_zero_snr": False,
+}
+
+
+@dataclass(frozen=True)
+class NamedSchedule:
+    """``noise_levels``: where the model is called (descending, without the final level); ``training_schedule``:
+    the VP config keys the levels are made for; ``source``: where they come from."""
+
+    noise_levels: tuple[float, ...]
+    training_schedule: Mapping[str, Any]
+    source: str
+
+
+NAMED_SCHEDULES = {
+    "ays": NamedSchedule(
+        tuple(AysSchedules["StableDiffusionSigmas"][:-1]), STABLE_DIFFUSION_TRAINING_SCHEDULE,
+        "Align Your Steps, Stable Diffusion 1.5 (diffusers.schedulers.AysSchedules['StableDiffusionSigmas'])",
+    ),
+    "ays_sdxl": NamedSchedule(
+        tuple(AysSchedules["StableDiffusionXLSigmas"][:-1]), STABLE_DIFFUSION_TRAINING_SCHEDULE,
+        "Align Your Steps, SDXL (diffusers.schedulers.AysSchedules['StableDiffusionXLSigmas'])",
+    ),
+}
+
+
+def has_training_schedule(scheduler_config: Mapping[str, Any], training_schedule: Mapping[str, Any]) -> bool:
+    """Whether ``scheduler_config`` trains on ``training_schedule`` (floats compared to a relative 1e-9)."""
+    for key, expected in training_schedule.items():
+        value = scheduler_config.get(key)
+        if isinstance(expected, float) and isinstance(value, (int, float)):
+            if not math.isclose(value, expected, rel_tol=1e-9):
+                return False
+        elif value != expected:
+            return False
+    return True
+
+
+def clip_to_range(levels: np.ndarray, low: float, high: float, name: str) -> np.ndarray:
+    """``levels`` clipped to ``[low, high]``; a level beyond it by more than ``RANGE_RELATIVE_TOLERANCE`` raises."""
+    if (levels > high * (1 + RANGE_RELATIVE_TOLERANCE)).any() or (levels < low * (1 - RANGE_RELATIVE_TOLERANCE)).any():
+        raise ValueError(
+            f"{name} must lie in the schedule's range of noise levels [{low:.6g}, {high:.6g}], "
+            f"got [{levels.min():.6g}, {levels.max():.6g}]"
+        )
+    return levels.clip(low, high)
+
+
+def sampling_schedule_levels(
+    sampling_schedule: str | Sequence[float] | None, scheduler_config: Mapping[str, Any], low: float, high: float
+) -> np.ndarray | None:
+    """The noise levels ``sampling_schedule`` names or lists, checked against the training schedule of
+    ``scheduler_config`` (whose noise levels span ``[low, high]``); ``None`` when it is ``None``.
+
+    A list may end with diffusers' final ``0.0`` (as ``AysSchedules`` tables do): the final level is the scheduler's
+    ``final_sigmas_type``, so it is dropped."""
+    if sampling_schedule is None:
+        return None
+    if isinstance(sampling_schedule, str):
+        if sampling_schedule not in NAMED_SCHEDULES:
+            raise ValueError(f"sampling_schedule must be one of {sorted(NAMED_SCHEDULES)}, a list of noise levels or "
+                             f"None, got {sampling_schedule!r}")
+        named = NAMED_SCHEDULES[sampling_schedule]
+        if not has_training_schedule(scheduler_config, named.training_schedule):
+            raise ValueError(f"sampling_schedule={sampling_schedule!r} is made for the training schedule "
+                             f"{dict(named.training_schedule)}, which this config does not have")
+        levels = np.array(named.noise_levels, dtype=np.float64)
+    else:
+        try:
+            levels = np.array(sampling_schedule, dtype=np.float64)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"sampling_schedule must be a name or a list of noise levels, got {sampling_schedule!r}") \
+                from error
+        if levels.ndim != 1:
+            raise ValueError(f"sampling_schedule must be a flat list of noise levels, got shape {levels.shape}")
+        if len(levels) > 1 and levels[-1] == 0:
+            levels = levels[:-1]
+    if len(levels) < 2 or not np.isfinite(levels).all() or not (np.diff(levels) < 0).all():
+        raise ValueError(f"sampling_schedule must list at least two finite, strictly decreasing noise levels, "
+                         f"got {levels.tolist()}")
+    levels = clip_to_range(levels, low, high, "sampling_schedule")
+    if not (np.diff(levels) < 0).all():
+        raise ValueError(f"sampling_schedule has several levels beyond the schedule's range, got {levels.tolist()}")
+    return levels
