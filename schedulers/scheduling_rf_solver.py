@@ -10,9 +10,15 @@ estimates the derivative of ``v`` with one extra call at the midpoint ``m = s + 
     x_s'  = x_s + h v_s + (h^2 / 2) v'_s        (= x_s + h v(x_m, m): the explicit midpoint rule)
 
 **Cost: two model calls per step**, so ``num_inference_steps=n`` costs ``2 n`` NFE; compare it with a first-order
-sampler at ``2 n`` steps. The scheduler lists both calls in ``self.timesteps`` (``[s_0, m_0, s_1, m_1, ...]``,
-``order = 2``, like diffusers' Heun schedulers), so stock pipelines (``StableDiffusion3Pipeline``,
-``FluxPipeline``, their img2img variants) run it unchanged.
+sampler at ``2 n`` steps. The scheduler lists both calls in ``self.timesteps`` (``[s_0, m_0, s_1, m_1, ...]``),
+so stock pipelines (``StableDiffusion3Pipeline``, ``FluxPipeline``, their img2img, inpainting and ControlNet
+variants) run it unchanged. ``order`` tells a pipeline how many entries of ``timesteps`` make one of its steps: 2 when
+the grid was set by ``num_inference_steps`` (like diffusers' Heun schedulers), 1 when it was set by custom ``sigmas``
+or ``timesteps``, because diffusers' ``retrieve_timesteps`` then counts every entry as a step (Flux always passes
+``sigmas``). An img2img run therefore starts at the noise level ``FlowMatchEulerDiscreteScheduler`` starts at, with
+twice its model calls, except that when the run's first entry would be a midpoint (strength puts FlowMatchEuler's
+start at an odd entry of the doubled table), the remaining entries are re-laid from the step's start and the last step
+becomes one Euler call, ``x_0 = x_{s_{n-1}} - s_{n-1} v``.
 
 Inversion (image -> noise) runs the same scheme upwards over the same grid (``invert``): since each direction is
 second order, invert-then-regenerate returns the input up to ``O(h^2)``, where the usual flow-matching Euler
@@ -37,6 +43,18 @@ from tqdm.auto import tqdm
 from .vp_discrete import check_num_inference_steps, check_strictly_decreasing
 
 
+def call_levels(step_levels: torch.Tensor, final_euler_step: bool) -> tuple[torch.Tensor, list[bool]]:
+    """The noise level of every model call over steps ``s_0 > ... > s_{n-1}`` and the terminal level (the last entry
+    of ``step_levels``): ``[s_0, m_0, s_1, m_1, ..., terminal]`` with midpoints ``m_i = (s_i + s_{i+1}) / 2``, the
+    last step a single Euler call when ``final_euler_step``; and, per call, whether it is a midpoint."""
+    starts, ends = step_levels[:-1], step_levels[1:]
+    two_call_steps = len(starts) - 1 if final_euler_step else len(starts)
+    midpoints = (starts[:two_call_steps] + ends[:two_call_steps]) / 2
+    interleaved = torch.stack([starts[:two_call_steps], midpoints], dim=1).flatten()
+    levels = torch.cat([interleaved, starts[two_call_steps:], step_levels[-1:]])
+    return levels, [False, True] * two_call_steps + [False] * (len(starts) - two_call_steps)
+
+
 @dataclass
 class RFSolverSchedulerOutput(BaseOutput):
     """``prev_sample``: the sample at the next entry of ``timesteps`` (a midpoint after a first call)."""
@@ -49,6 +67,7 @@ class RFSolverScheduler(FlowMatchEulerDiscreteScheduler):
     ``pipe.scheduler = RFSolverScheduler.from_config(pipe.scheduler.config)``. Two model calls per step."""
 
     order = 2
+    _compatibles = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"]
 
     def set_timesteps(
         self,
@@ -77,9 +96,9 @@ class RFSolverScheduler(FlowMatchEulerDiscreteScheduler):
             if num_inference_steps is not None and values.numel() != num_inference_steps:
                 raise ValueError(f"{name} has {values.numel()} entries but num_inference_steps={num_inference_steps}")
         super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu, timesteps=timesteps)
-        levels = self.sigmas  # s_0 > ... > s_{n-1} > terminal
-        midpoints = (levels[:-1] + levels[1:]) / 2
-        self.sigmas = torch.cat([torch.stack([levels[:-1], midpoints], dim=1).flatten(), levels[-1:]])
+        self.order = 2 if num_inference_steps is not None else 1
+        self.step_levels = self.sigmas  # s_0 > ... > s_{n-1} > terminal
+        self.sigmas, self._is_midpoint = call_levels(self.step_levels, final_euler_step=False)
         self.timesteps = self.sigmas[:-1] * num_train
         if not bool((self.timesteps[1:] < self.timesteps[:-1]).all() and self.timesteps[-1] > 0):
             raise ValueError(
@@ -87,6 +106,16 @@ class RFSolverScheduler(FlowMatchEulerDiscreteScheduler):
                 f"precision: {self.timesteps.tolist()}; pass noise levels further apart"
             )
         self._step_start: torch.Tensor | None = None
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Where a partial run (img2img, inpainting) starts in ``timesteps``. A run that starts at a midpoint entry
+        is re-laid, in place (the pipeline already holds a view of ``timesteps``), from the start of that step."""
+        if begin_index < len(getattr(self, "_is_midpoint", ())) and self._is_midpoint[begin_index]:
+            tail_levels, tail_is_midpoint = call_levels(self.step_levels[begin_index // 2 :], final_euler_step=True)
+            self.sigmas[begin_index:] = tail_levels
+            self.timesteps[begin_index:] = tail_levels[:-1] * self.config.num_train_timesteps
+            self._is_midpoint[begin_index:] = tail_is_midpoint
+        super().set_begin_index(begin_index)
 
     def step(
         self,
@@ -97,20 +126,20 @@ class RFSolverScheduler(FlowMatchEulerDiscreteScheduler):
         return_dict: bool = True,
         **unused,
     ) -> RFSolverSchedulerOutput | tuple:
-        """First call of a step: move to the midpoint with ``v_s``. Second call: take the whole step with the
-        midpoint velocity from the step's start."""
+        """First call of a step: move to the midpoint with ``v_s`` (or, for a final Euler step, to the next level).
+        Second call: take the whole step with the midpoint velocity from the step's start."""
         if getattr(self, "num_inference_steps", None) is None:
             raise ValueError("call set_timesteps before step")
         if self.step_index is None:
             self._init_step_index(timestep)
         k = self.step_index
-        if k % 2 == 0:
+        if not self._is_midpoint[k]:
             self._step_start = sample
-            half = self.sigmas[k + 1] - self.sigmas[k]
-            prev_sample = sample + half.to(sample.dtype) * model_output
+            to_next_entry = self.sigmas[k + 1] - self.sigmas[k]
+            prev_sample = sample + to_next_entry.to(sample.dtype) * model_output
         else:
             if self._step_start is None:
-                raise ValueError("RFSolverScheduler: a step started at its midpoint; start at an even index")
+                raise ValueError("RFSolverScheduler: a step started at its midpoint; start at a step's first entry")
             whole = self.sigmas[k + 1] - self.sigmas[k - 1]
             prev_sample = self._step_start + whole.to(sample.dtype) * model_output
             self._step_start = None
@@ -133,12 +162,13 @@ class RFSolverScheduler(FlowMatchEulerDiscreteScheduler):
         scale, e.g. ``lambda x, t: pipe.transformer(x, timestep=t.expand(len(x)), ...).sample`` with the prompt
         embeddings of the regeneration. Costs two calls per step."""
         self.set_timesteps(num_inference_steps, device=sample.device, sigmas=sigmas, mu=mu)
-        levels = self.sigmas[::2].flip(0)  # terminal, s_{n-1}, ..., s_0
+        levels = self.step_levels.flip(0)  # terminal, s_{n-1}, ..., s_0
         num_train = self.config.num_train_timesteps
         intervals = list(itertools.pairwise(levels))
-        for low, high in tqdm(intervals, desc="RF-Solver inversion", disable=not progress):
-            start_velocity = velocity(sample, low * num_train)
-            midpoint = sample + ((high - low) / 2).to(sample.dtype) * start_velocity
-            sample = sample + (high - low).to(sample.dtype) * velocity(midpoint, (low + high) / 2 * num_train)
+        with torch.no_grad():
+            for low, high in tqdm(intervals, desc="RF-Solver inversion", disable=not progress):
+                start_velocity = velocity(sample, low * num_train)
+                midpoint = sample + ((high - low) / 2).to(sample.dtype) * start_velocity
+                sample = sample + (high - low).to(sample.dtype) * velocity(midpoint, (low + high) / 2 * num_train)
         self._step_index = None
         return sample

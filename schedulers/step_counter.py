@@ -28,9 +28,11 @@ class StepCounterMixin:
         self._begin_index = None
 
     def _init_step_index(self, timestep) -> None:
-        """Start counting at ``begin_index``, or else at the first occurrence of ``timestep`` (0 if absent)."""
+        """Start counting at ``begin_index``, or else where ``timestep`` occurs (0 if absent). A timestep listed twice
+        (the end of one multi-call step and the start of the next, as in Heun-type grids) starts at its second
+        occurrence, as diffusers' schedulers do, so that a partial run begins a step instead of finishing one."""
         if self._begin_index is not None:
             self._step_index = self._begin_index
             return
-        matches = (self.timesteps == torch.as_tensor(timestep, device=self.timesteps.device)).nonzero()
-        self._step_index = int(matches[0]) if len(matches) else 0
+        matches = (self.timesteps == torch.as_tensor(timestep, device=self.timesteps.device)).nonzero().flatten()
+        self._step_index = int(matches[1 if len(matches) > 1 else 0]) if len(matches) else 0

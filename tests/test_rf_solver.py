@@ -45,6 +45,13 @@ def test_inversion_round_trip_beats_euler_at_equal_nfe():
     assert rf_error < 0.01
 
 
+def test_inversion_returns_a_tensor_detached_from_the_models_graph():
+    weight = torch.nn.Parameter(torch.tensor(0.5))
+    noise = RFSolverScheduler.from_config(SD3_SCHEDULER_CONFIG).invert(
+        lambda x, t: weight * x, torch.ones(2, 3), num_inference_steps=3, progress=False)
+    assert not noise.requires_grad and noise.grad_fn is None
+
+
 def test_same_grid_as_flow_match_euler_with_midpoints():
     """Shift and dynamic shifting (mu) are FlowMatchEuler's own; every other entry is a midpoint."""
     config = dict(SD3_SCHEDULER_CONFIG, use_dynamic_shifting=True)

@@ -64,15 +64,17 @@ def stable_diffusion_inputs(seed: int = 0, **overrides) -> dict:
     return inputs | overrides
 
 
-def tiny_sd3(scheduler) -> StableDiffusion3Pipeline:
+def tiny_sd3(scheduler, latent_channels: int = 4) -> StableDiffusion3Pipeline:
+    """``latent_channels=16``: SD3's own latent width, which its inpainting pipeline requires."""
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(
-        sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=TEXT_DIM, caption_projection_dim=16, pooled_projection_dim=TEXT_DIM, out_channels=4,
+        sample_size=8, patch_size=1, in_channels=latent_channels, num_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=TEXT_DIM, caption_projection_dim=16,
+        pooled_projection_dim=TEXT_DIM, out_channels=latent_channels,
     )
     vae = AutoencoderKL(
         block_out_channels=(8,), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4, sample_size=8,
+        up_block_types=("UpDecoderBlock2D",), latent_channels=latent_channels, norm_num_groups=4, sample_size=8,
         shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False,
     )
     pipe = StableDiffusion3Pipeline(
