@@ -42,7 +42,12 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import logging
 
 from ..diffusion_math import vp_noise_ratio
-from .vp_discrete import VPDiscreteScheduler, VPSchedulerOutput, check_num_inference_steps
+from .vp_discrete import (
+    VPDiscreteScheduler,
+    VPSchedulerOutput,
+    check_num_inference_steps,
+    every_training_timestep,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -126,6 +131,8 @@ class TimeShiftScheduler(VPDiscreteScheduler):
         check_num_inference_steps(num_inference_steps, self.config.num_train_timesteps)
         self.base.set_timesteps(num_inference_steps, device="cpu")
         scheduled = self.base.timesteps.clone()
+        if num_inference_steps == self.config.num_train_timesteps:
+            scheduled = every_training_timestep(num_inference_steps)
         self.num_inference_steps = len(scheduled)
         self.timesteps = scheduled.to(device)
         self.sigmas = torch.cat([self._noise_ratio_at(scheduled), self._final_noise_ratio()])
@@ -175,7 +182,10 @@ class TimeShiftScheduler(VPDiscreteScheduler):
         data_term = x0
         final_to_zero = rho_next == 0.0
         lower_final = self.config.lower_order_final and self.num_inference_steps < 15 and i == self.num_inference_steps - 1
-        if self.config.base_scheduler == "dpmsolver++" and self._x0_previous is not None and not (final_to_zero or lower_final):
+        # On a fine grid the shift can call the model at (or below) the previous call's noise level: the two
+        # predictions then give no derivative along the step, which is taken at first order.
+        ordered = self._rho_previous is not None and self._rho_previous > rho_s > rho_next
+        if self.config.base_scheduler == "dpmsolver++" and ordered and not (final_to_zero or lower_final):
             r = np.log(self._rho_previous / rho_s) / np.log(rho_s / rho_next)
             data_term = x0 + (x0 - self._x0_previous) / (2 * r)
         ratio = rho_next / rho_s

@@ -45,9 +45,19 @@ TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 FINAL_SIGMA_TYPES = ("zero", "sigma_min")
 
 
+def every_training_timestep(num_train_timesteps: int) -> torch.Tensor:
+    """The grid of ``num_train_timesteps`` steps. At that count the spacings' formulas round two grid points to one
+    timestep (``linspace``) or all of them to one (``leading``): a zero-length step, which multistep solvers divide
+    by (diffusers' DPM-Solver returns NaN there); ``leading`` with ``steps_offset`` also leaves the schedule."""
+    return torch.arange(num_train_timesteps - 1, -1, -1)
+
+
 def spaced_timesteps(num_train_timesteps: int, num_inference_steps: int, spacing: str, steps_offset: int = 0) -> np.ndarray:
     """Descending int64 timesteps, spaced as ``DPMSolverMultistepScheduler`` spaces them (Table 2 of
-    "Common Diffusion Noise Schedules and Sample Steps are Flawed", arXiv 2305.08891)."""
+    "Common Diffusion Noise Schedules and Sample Steps are Flawed", arXiv 2305.08891); as many steps as training
+    timesteps are every training timestep (see ``every_training_timestep``)."""
+    if num_inference_steps == num_train_timesteps:
+        return every_training_timestep(num_train_timesteps).numpy()
     if spacing == "linspace":
         grid = np.linspace(0, num_train_timesteps - 1, num_inference_steps + 1).round()[::-1][:-1]
     elif spacing == "leading":

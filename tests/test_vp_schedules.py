@@ -5,10 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import make_oracle
 from diffusers import DDIMScheduler
 from diffusers.schedulers import AysSchedules
 
 from diffusers_ext.schedulers import ERSDESolverScheduler, TimeShiftScheduler
+from diffusers_ext.testing import GaussianMixtureSamplingPipeline
 from diffusers_ext.testing.sampler_accuracy import SD_SCHEDULER_CONFIG
 
 VP_SCHEDULERS = [ERSDESolverScheduler, TimeShiftScheduler]
@@ -111,3 +113,25 @@ def test_config_saved_under_the_old_key_still_loads(tmp_path):
     loaded = ERSDESolverScheduler.from_pretrained(tmp_path)
     loaded.set_timesteps(3)
     assert loaded.sigmas[:-1].tolist() == pytest.approx([10.0, 1.0, 0.1])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ERSDESolverScheduler.from_config(SD_SCHEDULER_CONFIG),
+        lambda: ERSDESolverScheduler.from_config(SD_SCHEDULER_CONFIG, timestep_spacing="leading"),
+        lambda: TimeShiftScheduler.from_config(SD_SCHEDULER_CONFIG, base_scheduler="dpmsolver++"),
+        lambda: TimeShiftScheduler.from_config(SD_SCHEDULER_CONFIG),
+    ],
+    ids=["er_sde_linspace", "er_sde_leading", "time_shift_dpm", "time_shift_ddim"],
+)
+def test_as_many_steps_as_training_timesteps_sample_every_timestep_without_nan(make):
+    """At 1000 steps on a 1000-step schedule linspace rounds two grid points to one timestep, DPM-Solver's leading
+    spacing puts all of them on one, and DDIM's leading one reaches timestep 1000: ER-SDE returned NaN."""
+    scheduler = make()
+    scheduler.set_timesteps(1000)
+    assert scheduler.timesteps.tolist() == list(range(999, -1, -1))
+    pipe = GaussianMixtureSamplingPipeline(unet=make_oracle(scheduler.config), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    samples = pipe(batch_size=8, num_inference_steps=1000, generator=torch.Generator().manual_seed(0)).samples
+    assert torch.isfinite(samples).all()
