@@ -183,3 +183,13 @@ def test_mismatched_components_give_clear_errors():
     pipe = RDDMPipeline(unet=tiny_unet(), scheduler=RDDMScheduler(prediction_type="residual_and_noise"))
     with pytest.raises(ValueError, match="return 6"):
         pipe(degraded_image())
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_pipeline_built_from_a_unet_alone_samples_with_its_papers_scheduler(method):
+    pipeline_class, _, _ = METHODS[method]
+    default = pipeline_class.scheduler_class()
+    pipe = pipeline_class(unet=tiny_unet(3, default.model_output_channels_factor).eval())
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler) is pipeline_class.scheduler_class and pipe.scheduler.config == default.config
+    assert np.isfinite(run(pipe)).all()

@@ -22,7 +22,7 @@ class ResShiftPipeline(RestorationPipeline):
 
     scheduler_class = ResShiftScheduler
 
-    def __init__(self, unet, scheduler: ResShiftScheduler, vae=None, upscale_factor: int = 4):
+    def __init__(self, unet, scheduler: ResShiftScheduler | None = None, vae=None, upscale_factor: int = 4):
         super().__init__(unet=unet, scheduler=scheduler, vae=vae, upscale_factor=upscale_factor)
 
     @property

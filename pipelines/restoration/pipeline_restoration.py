@@ -68,7 +68,8 @@ class RestorationPipeline(DiffusionPipeline):
             (``in_channels = 2 C``) and returning the scheduler's prediction (``out_channels = C``, or ``2 C`` for
             ``prediction_type="residual_and_noise"``), with ``C`` the image channels, or the latent channels when a
             ``vae`` is present.
-        scheduler: the method's restoration scheduler.
+        scheduler: the method's restoration scheduler; by default the method's scheduler class with its paper's
+            settings (pass the one the model was trained with when they differ).
         vae: optional ``AutoencoderKL``; when given, the process runs on its latents (``y`` is the encoded degraded
             image; the result is decoded).
         upscale_factor: the input is upsampled bicubically by this factor before restoration (super-resolution);
@@ -76,13 +77,16 @@ class RestorationPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "unet->vae"
-    _optional_components = ["vae"]
+    # scheduler: optional in the signature (the paper's by default), a component like any other when loading.
+    _optional_components = ["vae", "scheduler"]
     _callback_tensor_inputs = ["latents", "degraded_latents"]
     scheduler_class: type[RestorationScheduler] = RestorationScheduler
     default_num_inference_steps = 20
 
-    def __init__(self, unet, scheduler: RestorationScheduler, vae=None, upscale_factor: int = 1):
+    def __init__(self, unet, scheduler: RestorationScheduler | None = None, vae=None, upscale_factor: int = 1):
         super().__init__()
+        if scheduler is None:  # the paper's process; a model trained on other settings needs its own scheduler
+            scheduler = self.scheduler_class()
         if not isinstance(scheduler, self.scheduler_class):
             raise ValueError(f"{type(self).__name__} needs a {self.scheduler_class.__name__}, got "
                              f"{type(scheduler).__name__}")
