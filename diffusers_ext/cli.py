@@ -1,13 +1,23 @@
-"""The ``diffusers-ext`` command: ``list``, ``demo``, ``bench``, ``restore``, ``train``."""
+"""The ``diffusers-ext`` command: ``list``, ``demo``, ``bench``, ``restore``, ``train``.
+
+Arguments are checked before anything heavy is imported or computed; a user error is one line on stderr and exit
+status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
 import time
 from pathlib import Path
 
-from .components import components_markdown_table, list_components
+from .components import COMPONENTS, components_markdown_table, list_components
+
+# The restored image is computed at full output resolution; the shipped model needs about 1.6 GB per megapixel.
+MAX_RESTORE_PIXELS = 2048 * 2048
+DEMO_PARTS = ("samplers", "steering", "text", "restoration")
 
 
 def _list(args: argparse.Namespace) -> None:
@@ -19,7 +29,29 @@ def _list(args: argparse.Namespace) -> None:
         print(f"{c.name:<34}{c.kind:<11}{c.status:<13}{paper}")
 
 
-def run_sampler_accuracy(output: Path, num_samples: int, dims, nfes, schedulers=None) -> None:
+def resolve_scheduler(spec: str) -> tuple[str, type]:
+    """``(name, class)`` of a scheduler given as a name in ``BUILTIN_SCHEDULERS``, a class exported by diffusers or
+    diffusers-ext (``DEISMultistepScheduler``, ``ERSDESolverScheduler``), or ``module:ClassName``."""
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+    from .testing.sampler_accuracy import BUILTIN_SCHEDULERS
+
+    if spec in BUILTIN_SCHEDULERS:
+        return spec, BUILTIN_SCHEDULERS[spec]
+    module_name, _, name = spec.rpartition(":")
+    candidates = [module_name] if module_name else ["diffusers", "diffusers_ext"]
+    for candidate in candidates:
+        try:
+            found = getattr(importlib.import_module(candidate), name, None)
+        except ImportError as error:
+            raise ValueError(f"--scheduler {spec!r}: cannot import {candidate!r} ({error})") from None
+        if isinstance(found, type) and issubclass(found, SchedulerMixin):
+            return name, found
+    raise ValueError(f"--scheduler {spec!r} is not a scheduler: use one of {list(BUILTIN_SCHEDULERS)}, a scheduler "
+                     f"class of diffusers or diffusers-ext, or module:ClassName")
+
+
+def run_sampler_accuracy(output: Path, num_samples: int, dims, nfes, schedulers=None, scatter_2d: bool = True) -> None:
     from .testing.sampler_accuracy import measure_sampler_accuracy, plot_accuracy, plot_samples_2d
 
     output.mkdir(parents=True, exist_ok=True)
@@ -29,42 +61,80 @@ def run_sampler_accuracy(output: Path, num_samples: int, dims, nfes, schedulers=
     (output / "sampler_accuracy.txt").write_text(table + "\n", encoding="utf-8")
     report.write_csv(output / "sampler_accuracy.csv")
     plot_accuracy(report, output / "sampler_accuracy.png")
-    if 2 in dims:
+    written = ["sampler_accuracy.png", "sampler_accuracy.txt", "sampler_accuracy.csv"]
+    if 2 in dims and scatter_2d:
         plot_samples_2d(report, output / "samples_2d.png")
+        written.append("samples_2d.png")
     print()
     for dim in dims:
         for nfe in sorted({r.nfe for r in report.rows if r.dim == dim}):
             best = report.best(dim, nfe, "ode_error")
             print(f"{dim:>3}-D, NFE {nfe:>2}: closest to the exact ODE solution: {best.scheduler} "
                   f"(mean distance {best.ode_error:.2e})")
-    print(f"\nwritten to {output}/: sampler_accuracy.png, sampler_accuracy.txt, sampler_accuracy.csv"
-          + (", samples_2d.png" if 2 in dims else ""))
+    print(f"\nwritten to {output}/: {', '.join(written)}")
 
 
 def _demo(args: argparse.Namespace) -> None:
     start = time.perf_counter()
-    print("diffusers-ext demo: diffusers' built-in samplers on the exact Gaussian-mixture oracle\n")
-    run_sampler_accuracy(Path(args.output) / "sampler_accuracy", args.num_samples, (2, 64), (5, 10, 20, 50))
-    print("\nSteering hooks on the exact 2-D oracle: steered versus unsteered, next to the exact target law\n")
-    from .guidance.demo import run_steering_demo
+    parts = args.parts or list(DEMO_PARTS)
+    output = Path(args.output)
+    if "samplers" in parts:
+        print("Samplers on the exact Gaussian-mixture oracle: diffusers' built-ins next to diffusers-ext's\n")
+        run_sampler_accuracy(output / "sampler_accuracy", args.num_samples or (2048 if args.full else 512),
+                             (2, 64), (5, 10, 20, 50) if args.full else (5, 10))
+    if "steering" in parts:
+        print("\nSteering hooks on the exact 2-D oracle: steered versus unsteered, next to the exact target law\n")
+        from .guidance.demo import run_steering_demo
 
-    run_steering_demo(Path(args.output) / "steering")
-    print("\nThe shipped tiny masked-diffusion language model (trained on Python's documentation)\n")
-    from .pipelines.text.demo import run_text_demo
+        run_steering_demo(output / "steering")
+    if "text" in parts:
+        print("\nThe shipped tiny masked-diffusion language model (trained on Python's documentation)\n")
+        from .pipelines.text.demo import run_text_demo
 
-    run_text_demo(Path(args.output) / "text")
-    print("\nThe shipped tiny ResShift model: 4x super-resolution of photos it was not trained on\n")
-    from .pipelines.restoration.demo import run_restoration_demo
+        run_text_demo(output / "text")
+    if "restoration" in parts:
+        print("\nThe shipped tiny ResShift model: 4x super-resolution of photos it was not trained on\n")
+        from .pipelines.restoration.demo import run_restoration_demo
 
-    run_restoration_demo(Path(args.output) / "restoration")
-    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; open {args.output}/ to look at the plots")
+        run_restoration_demo(output / "restoration")
+    print(f"\ndemo ({', '.join(parts)}) finished in {time.perf_counter() - start:.0f} s; open {output}/ to look at "
+          "the plots")
 
 
 def _bench(args: argparse.Namespace) -> None:
-    run_sampler_accuracy(Path(args.output), args.num_samples, tuple(args.dims), tuple(args.nfe))
+    schedulers = dict(resolve_scheduler(spec) for spec in args.scheduler) if args.scheduler else None
+    run_sampler_accuracy(Path(args.output), args.num_samples, tuple(args.dims), tuple(args.nfe), schedulers)
+
+
+def _check_restore_arguments(args: argparse.Namespace) -> None:
+    """Everything about ``restore``'s files and sizes that can be known before a model is loaded."""
+    import PIL.Image
+
+    source, target = Path(args.input), Path(args.output)
+    if not source.is_file():
+        raise ValueError(f"no input image at {source}")
+    try:
+        with PIL.Image.open(source) as image:
+            width, height = image.size
+    except (OSError, PIL.UnidentifiedImageError) as error:
+        raise ValueError(f"cannot read {source} as an image: {error}") from None
+    PIL.Image.init()
+    if target.suffix.lower() not in PIL.Image.registered_extensions():
+        raise ValueError(f"cannot write an image as {target.name!r}: use an image extension such as .png or .jpg")
+    existing = next(folder for folder in (target.absolute().parent, *target.absolute().parents) if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ValueError(f"cannot write {target}: {existing} is not a writable folder")
+    scale = args.scale or 4  # the shipped model's factor; another --model's own factor is checked when it loads
+    pixels = width * height * scale**2
+    if pixels > MAX_RESTORE_PIXELS:
+        raise ValueError(f"restoring {source.name} ({width}x{height}) at scale {scale} makes a {width * scale}x"
+                         f"{height * scale} image ({pixels / 1e6:.1f} MP), above this command's "
+                         f"{MAX_RESTORE_PIXELS / 1e6:.1f} MP limit (the shipped model needs about 1.6 GB of memory per "
+                         f"MP): pass a smaller --scale or crop the input")
 
 
 def _restore(args: argparse.Namespace) -> None:
+    _check_restore_arguments(args)
     from .pipelines.restoration.demo import restore_file
 
     seconds = restore_file(args.input, args.output, model=args.model, num_inference_steps=args.steps,
@@ -72,43 +142,80 @@ def _restore(args: argparse.Namespace) -> None:
     print(f"wrote {args.output} in {seconds:.1f} s")
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def demo_part(text: str) -> str:
+    if text not in DEMO_PARTS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a part of the demo; choose from {', '.join(DEMO_PARTS)}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffusers-ext", description=__doc__)
+    parser = argparse.ArgumentParser(prog="diffusers-ext", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    list_parser = commands.add_parser("list", help="list the package's components")
-    list_parser.add_argument("--kind", help="only components of this kind")
-    list_parser.add_argument("--markdown", action="store_true", help="print the README feature table")
+    kinds = sorted({c.kind for c in COMPONENTS})
+    list_parser = commands.add_parser("list", help="list the package's components",
+                                      description="List diffusers-ext's components with their papers.")
+    list_parser.add_argument("--kind", choices=kinds, help="only components of this kind")
+    list_parser.add_argument("--markdown", action="store_true", help="print the README's component tables")
     list_parser.set_defaults(run=_list)
 
-    demo = commands.add_parser("demo", help="run the offline demo and write its outputs")
-    demo.add_argument("--output", default="demo_output")
-    demo.add_argument("--num-samples", type=int, default=2048)
+    demo = commands.add_parser(
+        "demo", help="run the offline demo and write its outputs",
+        description="The offline demo, in parts: 'samplers' (diffusers' and diffusers-ext's samplers against the exact "
+                    "Gaussian-mixture oracle: error versus NFE, 2-D scatter), 'steering' (steering hooks toward exact "
+                    "tilted and posterior laws), 'text' (the shipped masked-diffusion language model generates and "
+                    "infills), 'restoration' (the shipped ResShift model super-resolves held-out photos). All parts "
+                    "by default, in about a minute on 2 CPU cores; --full runs the sampler part at full size.")
+    demo.add_argument("parts", nargs="*", type=demo_part, metavar="PART",
+                      help=f"which parts to run ({', '.join(DEMO_PARTS)}; default: all)")
+    demo.add_argument("--output", default="demo_output", help="folder for the plots and tables (default: %(default)s)")
+    demo.add_argument("--full", action="store_true", help="the sampler part with 2048 samples and NFE up to 50")
+    demo.add_argument("--num-samples", type=positive_int, help="samples per sampler (default: 512, 2048 with --full)")
     demo.set_defaults(run=_demo)
 
     restore = commands.add_parser(
-        "restore", help="restore an image (by default: 4x super-resolution with the shipped tiny ResShift model)")
+        "restore", help="restore an image (by default: 4x super-resolution with the shipped tiny ResShift model)",
+        description="Restore an image file with a diffusers-ext restoration pipeline.")
     restore.add_argument("input", help="the degraded (or low-resolution) image file")
-    restore.add_argument("output", help="where to write the restored image")
+    restore.add_argument("output", help="where to write the restored image (.png, .jpg, ...)")
     restore.add_argument("--model", help="a restoration pipeline folder or Hub id (default: the shipped model)")
-    restore.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
-    restore.add_argument("--scale", type=int, help="upscaling factor (default: the model's, 4 for the shipped one)")
+    restore.add_argument("--steps", type=positive_int,
+                         help="sampling steps (default: the model's best, 4 for the shipped one)")
+    restore.add_argument("--scale", type=positive_int,
+                         help="upscaling factor (default: the model's, 4 for the shipped one)")
     restore.add_argument("--seed", type=int, default=0)
     restore.add_argument("--trust-remote-code", action="store_true",
                          help="allow --model's loader files (needed for folders saved with diffusers-ext's "
                               "save_for_hub; they import classes from the installed diffusers_ext)")
     restore.set_defaults(run=_restore)
 
-    bench = commands.add_parser("bench", help="benchmarks")
+    bench = commands.add_parser("bench", help="benchmarks", description="Benchmarks on the exact oracles.")
     bench_kinds = bench.add_subparsers(dest="benchmark", required=True)
-    accuracy = bench_kinds.add_parser("sampler-accuracy", help="error versus NFE of diffusers' samplers on the oracle")
+    accuracy = bench_kinds.add_parser(
+        "sampler-accuracy", help="error versus NFE of samplers on the exact Gaussian-mixture oracle",
+        description="Sliced W2 to the exact law, distance to the exact ODE solution and mixture-weight error versus "
+                    "counted NFE, for any schedulers (VP ones built from Stable Diffusion 1.x's config, flow ones from "
+                    "SD3's), with plots.")
+    accuracy.add_argument("--scheduler", action="append",
+                          help="repeatable: a built-in name (DDIM, DEIS, ...), a scheduler class of diffusers or "
+                               "diffusers-ext (ERSDESolverScheduler), or module:ClassName; default: diffusers' built-ins")
     accuracy.add_argument("--output", default="benchmarks/results")
-    accuracy.add_argument("--num-samples", type=int, default=4096)
-    accuracy.add_argument("--dims", type=int, nargs="+", default=[2, 64])
-    accuracy.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20, 50])
+    accuracy.add_argument("--num-samples", type=positive_int, default=4096)
+    accuracy.add_argument("--dims", type=positive_int, nargs="+", default=[2, 64])
+    accuracy.add_argument("--nfe", type=positive_int, nargs="+", default=[5, 10, 20, 50])
     accuracy.set_defaults(run=_bench)
 
-    # Listed here for --help; main() hands its arguments to training/cli.py, whose flags need torch to build.
+    # Listed here for --help; main() hands its arguments to training/cli.py.
     commands.add_parser("train", add_help=False,
                         help="train a registered method on the shared Trainer (diffusers-ext train --help)")
     return parser
@@ -116,12 +223,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train"]:
-        from .training.cli import main as train
+    try:
+        if argv[:1] == ["train"]:
+            from .training.cli import main as train
 
-        return train(argv[1:])
-    args = build_parser().parse_args(argv)
-    args.run(args)
+            return train(argv[1:])
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        try:
+            args.run(args)
+        except ValueError as error:  # the package's clear errors about what the user asked for
+            print(f"{parser.prog} {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+            return 2
+    except BrokenPipeError:  # the reader went away (``diffusers-ext list | head``): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 

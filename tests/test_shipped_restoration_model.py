@@ -78,12 +78,27 @@ def test_restore_command_upscales_a_file_by_four(tmp_path, capsys):
     assert PIL.Image.open(tmp_path / "same.png").size == (10, 12)
 
 
-def test_restore_command_bad_inputs(tmp_path):
-    with pytest.raises(ValueError, match="no input image"):
-        main(["restore", str(tmp_path / "missing.png"), str(tmp_path / "out.png")])
+def test_restore_command_bad_inputs_are_one_line_errors(tmp_path, capsys):
+    def error_of(*arguments) -> str:
+        assert main(["restore", *map(str, arguments)]) == 2
+        message = capsys.readouterr().err.strip()
+        assert message.count("\n") == 0
+        return message
+
+    assert "no input image" in error_of(tmp_path / "missing.png", tmp_path / "out.png")
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    with pytest.raises(ValueError, match="cannot read"):
-        main(["restore", str(tmp_path / "broken.png"), str(tmp_path / "out.png")])
+    assert "cannot read" in error_of(tmp_path / "broken.png", tmp_path / "out.png")
     PIL.Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
-    with pytest.raises(ValueError, match="trust_remote_code"):
-        main(["restore", str(tmp_path / "ok.png"), str(tmp_path / "out.png"), "--model", str(shipped_model_path())])
+    assert "trust_remote_code" in error_of(tmp_path / "ok.png", tmp_path / "out.png", "--model", shipped_model_path())
+
+
+def test_a_call_without_steps_samples_the_models_best_step_count(pipe):
+    report = json.loads((shipped_model_path() / "training_report.json").read_text())["held_out"]
+    best = max((name for name in report if name.startswith("resshift")), key=lambda name: report[name]["psnr"])
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(args[1]))
+    try:
+        pipe(torch.rand(1, 3, 8, 8), output_type="np")
+    finally:
+        handle.remove()
+    assert best == f"resshift, {len(calls)} steps" == f"resshift, {pipe.config.default_num_inference_steps} steps"

@@ -16,4 +16,4 @@ class BridgePipeline(RestorationPipeline):
     and the call's arguments."""
 
     scheduler_class = BridgeScheduler
-    default_num_inference_steps = 10
+    method_num_inference_steps = 10

@@ -17,4 +17,4 @@ class MeanRevertingPipeline(RestorationPipeline):
     ``RestorationPipeline`` for the components and the call's arguments."""
 
     scheduler_class = MeanRevertingScheduler
-    default_num_inference_steps = 20
+    method_num_inference_steps = 20

@@ -18,4 +18,4 @@ class RDDMPipeline(RestorationPipeline):
     ``RestorationPipeline`` for the components and the call's arguments."""
 
     scheduler_class = RDDMScheduler
-    default_num_inference_steps = 10
+    method_num_inference_steps = 10

@@ -15,16 +15,19 @@ from .pipeline_restoration import RestorationPipeline
 class ResShiftPipeline(RestorationPipeline):
     r"""Super-resolve (``upscale_factor=4``, the paper's task) or restore an image with a ResShift model.
 
-    ``pipe(low_res_image).images[0]`` samples the whole trained chain; ``num_inference_steps`` below
+    ``pipe(low_res_image).images[0]`` samples with ``config.default_num_inference_steps`` when the model records
+    one (its best measured step count), else the whole trained chain; ``num_inference_steps`` below
     ``scheduler.config.num_train_timesteps`` samples a sub-grid of it. See ``RestorationPipeline`` for the
     components and the call's arguments.
     """
 
     scheduler_class = ResShiftScheduler
 
-    def __init__(self, unet, scheduler: ResShiftScheduler | None = None, vae=None, upscale_factor: int = 4):
-        super().__init__(unet=unet, scheduler=scheduler, vae=vae, upscale_factor=upscale_factor)
+    def __init__(self, unet, scheduler: ResShiftScheduler | None = None, vae=None, upscale_factor: int = 4,
+                 default_num_inference_steps: int | None = None):
+        super().__init__(unet=unet, scheduler=scheduler, vae=vae, upscale_factor=upscale_factor,
+                         default_num_inference_steps=default_num_inference_steps)
 
     @property
-    def default_num_inference_steps(self) -> int:
+    def method_num_inference_steps(self) -> int:
         return self.scheduler.config.num_train_timesteps

@@ -74,6 +74,9 @@ class RestorationPipeline(DiffusionPipeline):
             image; the result is decoded).
         upscale_factor: the input is upsampled bicubically by this factor before restoration (super-resolution);
             1 for same-size restoration.
+        default_num_inference_steps: the step count a call uses when given none: the one this model samples best
+            with (a training recipe measures it and saves it in the pipeline's config); ``None`` for the method's
+            default.
     """
 
     model_cpu_offload_seq = "unet->vae"
@@ -81,9 +84,10 @@ class RestorationPipeline(DiffusionPipeline):
     _optional_components = ["vae", "scheduler"]
     _callback_tensor_inputs = ["latents", "degraded_latents"]
     scheduler_class: type[RestorationScheduler] = RestorationScheduler
-    default_num_inference_steps = 20
+    method_num_inference_steps = 20  # the method's default; a subclass sets its paper's
 
-    def __init__(self, unet, scheduler: RestorationScheduler | None = None, vae=None, upscale_factor: int = 1):
+    def __init__(self, unet, scheduler: RestorationScheduler | None = None, vae=None, upscale_factor: int = 1,
+                 default_num_inference_steps: int | None = None):
         super().__init__()
         if scheduler is None:  # the paper's process; a model trained on other settings needs its own scheduler
             scheduler = self.scheduler_class()
@@ -92,8 +96,12 @@ class RestorationPipeline(DiffusionPipeline):
                              f"{type(scheduler).__name__}")
         if isinstance(upscale_factor, bool) or not isinstance(upscale_factor, int) or upscale_factor < 1:
             raise ValueError(f"upscale_factor must be a positive integer, got {upscale_factor!r}")
+        if default_num_inference_steps is not None and (isinstance(default_num_inference_steps, bool) or not isinstance(
+                default_num_inference_steps, int) or default_num_inference_steps < 1):
+            raise ValueError(f"default_num_inference_steps must be a positive integer or None, got "
+                             f"{default_num_inference_steps!r}")
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
-        self.register_to_config(upscale_factor=upscale_factor)
+        self.register_to_config(upscale_factor=upscale_factor, default_num_inference_steps=default_num_inference_steps)
         # No resizing: sizes the UNet cannot take are padded and cropped back (``_pad_to_multiple``).
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
 
@@ -190,7 +198,8 @@ class RestorationPipeline(DiffusionPipeline):
         """
         Args:
             image: the degraded image(s): PIL, numpy (H, W, C) in [0, 1], or torch (B, C, H, W) in [0, 1].
-            num_inference_steps: the scheduler's steps (the method's default when omitted).
+            num_inference_steps: the scheduler's steps; when omitted, ``config.default_num_inference_steps`` (the
+                model's best, when its trainer recorded it), else the method's default.
             upscale_factor: bicubic upsampling of the input before restoration; the pipeline's ``upscale_factor``
                 (4 for super-resolution models) when omitted.
             output_size: ``(height, width)`` the result must have; checked against the input and the factor.
@@ -221,7 +230,9 @@ class RestorationPipeline(DiffusionPipeline):
         degraded = self._pad_to_multiple(degraded)
         degraded_latents = encode_to_latents(self.vae, degraded).to(dtype)
 
-        self.scheduler.set_timesteps(num_inference_steps or self.default_num_inference_steps, device=device)
+        if num_inference_steps is None:
+            num_inference_steps = self.config.get("default_num_inference_steps") or self.method_num_inference_steps
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = self.scheduler.initial_sample(degraded_latents, generator=generator)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = torch.cat([self.scheduler.scale_model_input(latents, t), degraded_latents], dim=1)

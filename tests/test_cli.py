@@ -1,0 +1,74 @@
+"""The ``diffusers-ext`` command as a user meets it: user errors are one line on stderr with exit status 2, found
+before any model is loaded (or torch imported), and output piped to a closed reader ends quietly."""
+
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from diffusers_ext.cli import main, resolve_scheduler
+
+
+def run_cli(*arguments: str) -> subprocess.CompletedProcess:
+    """``diffusers-ext ARGUMENTS`` in a fresh interpreter that reports, after the command, whether torch was imported."""
+    code = ("import sys; from diffusers_ext.cli import main; status = main(sys.argv[1:]); "
+            "print('torch imported:', 'torch' in sys.modules); sys.exit(status)")
+    return subprocess.run([sys.executable, "-c", code, *arguments], capture_output=True, text=True, timeout=120)
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def photo(tmp_path):
+    path = tmp_path / "low.png"
+    PIL.Image.fromarray((np.random.default_rng(0).random((100, 80, 3)) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def test_restore_checks_its_arguments_before_loading_anything(photo, tmp_path):
+    cases = {
+        (str(tmp_path / "missing.png"), str(tmp_path / "out.png")): "no input image",
+        (str(photo), str(tmp_path / "out.txt")): "image extension",
+        (str(photo), str(tmp_path / "out.png"), "--scale", "64"): "MP limit",
+    }
+    for arguments, message in cases.items():
+        result = run_cli("restore", *arguments)
+        assert message in one_line_error(result)
+        assert "torch imported: False" in result.stdout
+    for flag in ("--steps", "--scale"):
+        assert "positive integer" in one_line_error(run_cli("restore", str(photo), str(tmp_path / "o.png"), flag, "0"))
+    assert not list(tmp_path.glob("out*")) and not list(tmp_path.glob("o.png"))
+
+
+def test_list_refuses_an_unknown_kind_and_survives_a_closed_pipe():
+    assert "invalid choice" in one_line_error(run_cli("list", "--kind", "foo"))
+    listing = subprocess.run(f"{sys.executable} -m diffusers_ext.cli list --markdown | head -n 1", shell=True,
+                             capture_output=True, text=True, timeout=120)
+    assert listing.stdout.startswith("|") and listing.stderr == ""
+
+
+def test_demo_refuses_an_unknown_part():
+    assert "not a part of the demo" in one_line_error(run_cli("demo", "everything"))
+
+
+def test_bench_takes_schedulers_by_name_or_module_path():
+    from diffusers import DEISMultistepScheduler
+
+    from diffusers_ext.schedulers import ERSDESolverScheduler
+
+    assert resolve_scheduler("DEIS") == ("DEIS", DEISMultistepScheduler)
+    assert resolve_scheduler("ERSDESolverScheduler") == ("ERSDESolverScheduler", ERSDESolverScheduler)
+    assert resolve_scheduler("diffusers_ext.schedulers:ERSDESolverScheduler")[1] is ERSDESolverScheduler
+    with pytest.raises(ValueError, match="not a scheduler"):
+        resolve_scheduler("UNet2DModel")
+
+
+def test_bench_reports_a_bad_scheduler_as_a_usage_error(capsys):
+    assert main(["bench", "sampler-accuracy", "--scheduler", "NoSuchScheduler"]) == 2
+    assert "not a scheduler" in capsys.readouterr().err
