@@ -267,3 +267,31 @@ def test_half_precision_samples_stay_in_their_dtype_and_near_float32(name, dtype
     scale = results[torch.float32].abs().max()
     tolerance = 20 * torch.finfo(dtype).eps * scale  # a few roundings per step, over five steps
     assert (results[dtype] - results[torch.float32]).abs().max() <= tolerance
+
+
+# Custom grids through the pipeline's own arguments -------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(VP_PAIRS))
+def test_custom_timesteps_reach_the_model_through_a_stock_pipeline(name):
+    ours_class, _, settings = VP_PAIRS[name]
+    if ours_class is TimeShiftScheduler:
+        settings = settings | {"window_size": 0}  # no shifting: the model is called at the grid itself
+    pipe = tiny_stable_diffusion(ours_class.from_config(SD_SCHEDULER_CONFIG, **settings))
+    timesteps = [961, 700, 420, 150, 20]
+    inputs = stable_diffusion_inputs(timesteps=timesteps)
+    del inputs["num_inference_steps"]
+    assert denoiser_timesteps(pipe, lambda: pipe(**inputs)) == timesteps
+
+
+def test_custom_sigmas_reach_the_transformer_through_flux_and_sd3():
+    sigmas = [1.0, 0.7, 0.45, 0.2]
+    # Flux hands the transformer timestep / 1000, SD3 the timestep.
+    for pipe, make_inputs, timestep_scale in (
+            (tiny_flux(), flux_inputs, 1),
+            (tiny_sd3(FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_CONFIG)), sd3_inputs, 1000)):
+        pipe.scheduler = RFSolverScheduler.from_config(pipe.scheduler.config, use_dynamic_shifting=False, shift=1.0)
+        inputs = make_inputs(sigmas=sigmas)
+        del inputs["num_inference_steps"]
+        calls = denoiser_timesteps(pipe, lambda: pipe(**inputs))  # noqa: B023
+        levels = [*sigmas, 0.0]
+        expected = [value for high, low in zip(levels, levels[1:]) for value in (high, (high + low) / 2)]  # noqa: B905
+        np.testing.assert_allclose(np.array(calls) / timestep_scale, expected, rtol=1e-6)
