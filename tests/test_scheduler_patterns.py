@@ -4,6 +4,7 @@ listed compatible keeps our settings, a mid-run save / load or copy continues id
 precision samples and repeated timesteps."""
 
 import copy
+import itertools
 import inspect
 
 import numpy as np
@@ -293,5 +294,5 @@ def test_custom_sigmas_reach_the_transformer_through_flux_and_sd3():
         del inputs["num_inference_steps"]
         calls = denoiser_timesteps(pipe, lambda: pipe(**inputs))  # noqa: B023
         levels = [*sigmas, 0.0]
-        expected = [value for high, low in zip(levels, levels[1:]) for value in (high, (high + low) / 2)]  # noqa: B905
+        expected = [value for high, low in itertools.pairwise(levels) for value in (high, (high + low) / 2)]
         np.testing.assert_allclose(np.array(calls) / timestep_scale, expected, rtol=1e-6)
