@@ -4,8 +4,8 @@ listed compatible keeps our settings, a mid-run save / load or copy continues id
 precision samples and repeated timesteps."""
 
 import copy
-import itertools
 import inspect
+import itertools
 
 import numpy as np
 import pytest
