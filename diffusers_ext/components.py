@@ -316,6 +316,8 @@ HELPERS: dict[str, str] = {
     "save_for_hub": "diffusers_ext.hub",
     "push_to_hub": "diffusers_ext.hub",
     "render_model_card": "diffusers_ext.hub",
+    "load_shipped_pipeline": "diffusers_ext.shipped",
+    "shipped_model_path": "diffusers_ext.shipped",
 }
 
 

@@ -8,19 +8,19 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import DiffusionPipeline
 from huggingface_hub import ModelCard
 
+from diffusers_ext import load_shipped_pipeline, shipped_model_path
 from diffusers_ext.cli import main
 from diffusers_ext.pipelines import ResShiftPipeline
-from diffusers_ext.pipelines.restoration.demo import shipped_model_path, super_resolve_held_out
+from diffusers_ext.pipelines.restoration.demo import super_resolve_held_out
 from diffusers_ext.training.recipes.tiny_resshift_sr import EVALUATION_TILES
 from diffusers_ext.training.restoration_data import psnr, scikit_image_photos
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    pipe = DiffusionPipeline.from_pretrained(shipped_model_path(), trust_remote_code=True)
+    pipe = load_shipped_pipeline("tiny-resshift-sr4")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -38,7 +38,7 @@ def held_out_scores(pipe):
 
 
 def test_ships_as_a_loadable_pipeline_with_its_card(pipe):
-    folder = shipped_model_path()
+    folder = shipped_model_path("tiny-resshift-sr4")
     assert type(pipe) is ResShiftPipeline and pipe.config.upscale_factor == 4
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     assert size < 8_000_000 and not list(folder.rglob("*.bin")) and list(folder.rglob("*.safetensors"))
@@ -57,7 +57,7 @@ def test_four_steps_are_within_half_a_decibel_of_fifteen(held_out_scores):
 
 
 def test_training_report_matches_a_fresh_measurement(held_out_scores):
-    report = json.loads((shipped_model_path() / "training_report.json").read_text())["held_out"]
+    report = json.loads((shipped_model_path("tiny-resshift-sr4") / "training_report.json").read_text())["held_out"]
     assert report["bicubic"]["psnr"] == pytest.approx(held_out_scores["bicubic"], abs=1e-3)
     assert report["resshift, 15 steps"]["psnr"] == pytest.approx(held_out_scores[15], abs=1e-2)
 
@@ -89,11 +89,11 @@ def test_restore_command_bad_inputs_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "broken.png").write_bytes(b"not an image")
     assert "cannot read" in error_of(tmp_path / "broken.png", tmp_path / "out.png")
     PIL.Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
-    assert "trust_remote_code" in error_of(tmp_path / "ok.png", tmp_path / "out.png", "--model", shipped_model_path())
+    assert "trust_remote_code" in error_of(tmp_path / "ok.png", tmp_path / "out.png", "--model", shipped_model_path("tiny-resshift-sr4"))
 
 
 def test_a_call_without_steps_samples_the_models_best_step_count(pipe):
-    report = json.loads((shipped_model_path() / "training_report.json").read_text())["held_out"]
+    report = json.loads((shipped_model_path("tiny-resshift-sr4") / "training_report.json").read_text())["held_out"]
     best = max((name for name in report if name.startswith("resshift")), key=lambda name: report[name]["psnr"])
     calls = []
     handle = pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(args[1]))
@@ -102,3 +102,8 @@ def test_a_call_without_steps_samples_the_models_best_step_count(pipe):
     finally:
         handle.remove()
     assert best == f"resshift, {len(calls)} steps" == f"resshift, {pipe.config.default_num_inference_steps} steps"
+
+
+def test_an_unknown_shipped_model_is_a_clear_error():
+    with pytest.raises(ValueError, match="the package ships"):
+        shipped_model_path("tiny-sd")

@@ -4,7 +4,6 @@ model super-resolves (4x) a photo it was not trained on, next to bicubic upsampl
 from __future__ import annotations
 
 import time
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -12,23 +11,17 @@ import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 
+from ...shipped import load_shipped_pipeline
 from ...training.restoration_data import make_degradation, psnr, scikit_image_photos, ssim, upscale_bicubic
 from .pipeline_restoration import RestorationPipeline
 
 SHIPPED_MODEL = "tiny-resshift-sr4"
 
 
-def shipped_model_path() -> Path:
-    """The folder of the tiny 4x super-resolution ResShift model trained on scikit-image's photos, inside the
-    installed package."""
-    return Path(str(resources.files("diffusers_ext").joinpath("assets", SHIPPED_MODEL)))
-
-
 def load_restoration_pipeline(model: str | Path | None = None, trust_remote_code: bool = False) -> RestorationPipeline:
     """The shipped model (``model=None``), or a restoration pipeline from a folder or Hub id."""
     if model is None:
-        # The shipped folder is laid out for the Hub: its loader files are one-line imports from this very package.
-        pipe = DiffusionPipeline.from_pretrained(shipped_model_path(), trust_remote_code=True)
+        pipe = load_shipped_pipeline(SHIPPED_MODEL)
     else:
         pipe = DiffusionPipeline.from_pretrained(model, trust_remote_code=trust_remote_code)
     if not isinstance(pipe, RestorationPipeline):

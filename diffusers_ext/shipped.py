@@ -1,0 +1,32 @@
+"""The small models that ship inside the package, trained on data other packages ship (so they work offline):
+
+- ``"tiny-resshift-sr4"``: 4x super-resolution of photos (``ResShiftPipeline``, 1.1 M parameters, trained on
+  scikit-image's photos by ``python -m diffusers_ext.training.recipes.tiny_resshift_sr``);
+- ``"tiny-mdlm-pydoc"``: a masked-diffusion language model of Python's documentation (``MaskedDiffusionLMPipeline``,
+  trained by ``python -m diffusers_ext.training.recipes.tiny_text_model``).
+
+Each folder is laid out as a Hub repository (model card, ``training_report.json``, safetensors, and one-line loader
+files that import this package's classes), so it loads like a shared pipeline.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+SHIPPED_MODELS = ("tiny-resshift-sr4", "tiny-mdlm-pydoc")
+
+
+def shipped_model_path(name: str) -> Path:
+    """The folder of the shipped model ``name`` inside the installed package."""
+    if name not in SHIPPED_MODELS:
+        raise ValueError(f"no shipped model {name!r}; the package ships {list(SHIPPED_MODELS)}")
+    return Path(str(resources.files("diffusers_ext").joinpath("assets", name)))
+
+
+def load_shipped_pipeline(name: str, **kwargs):
+    """The shipped model ``name`` as its pipeline: ``DiffusionPipeline.from_pretrained(shipped_model_path(name),
+    trust_remote_code=True, **kwargs)`` (its loader files import from this package, nothing else)."""
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(shipped_model_path(name), trust_remote_code=True, **kwargs)
