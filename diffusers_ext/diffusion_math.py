@@ -263,3 +263,16 @@ def prediction_from_x0_and_eps(
     if prediction_type == "flow_prediction":
         return eps - x0
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def flow_shift(levels: torch.Tensor, factor: float) -> torch.Tensor:
+    """The time shift of flow-matching schedulers, ``factor s / (1 + (factor - 1) s)`` on noise levels ``s`` in
+    ``[0, 1]``: ``FlowMatchEulerDiscreteScheduler`` applies it to every grid (and to custom ``sigmas``) with
+    ``factor = shift``, or with dynamic shifting ``factor = exp(mu)`` (``time_shift_type="exponential"``) or ``mu``
+    (``"linear"``)."""
+    return factor * levels / (1 + (factor - 1) * levels)
+
+
+def flow_unshift(shifted_levels: torch.Tensor, factor: float) -> torch.Tensor:
+    """The inverse of ``flow_shift``: the ``sigmas`` to pass so that the scheduler samples at ``shifted_levels``."""
+    return shifted_levels / (factor - (factor - 1) * shifted_levels)

@@ -6,6 +6,8 @@ from diffusers import DDIMScheduler, EDMEulerScheduler, EulerDiscreteScheduler, 
 from diffusers_ext.diffusion_math import (
     PREDICTION_TYPES,
     flow_alpha_sigma,
+    flow_shift,
+    flow_unshift,
     noise_path_from_scheduler_config,
     prediction_from_x0_and_eps,
     vp_alpha_sigma,
@@ -82,3 +84,18 @@ def test_per_sample_broadcasts_one_value_per_row():
     assert shaped.shape == (3, 1, 1, 1) and shaped.dtype == torch.float16
     torch.testing.assert_close((shaped * like)[:, 1, 2, 3], values.half())
     assert per_sample(values, like, torch.float32).dtype == torch.float32
+
+
+@pytest.mark.parametrize(("config", "mu", "factor"), [
+    ({"shift": 3.0}, None, 3.0),
+    ({"use_dynamic_shifting": True, "time_shift_type": "exponential"}, 0.8, np.exp(0.8)),
+    ({"use_dynamic_shifting": True, "time_shift_type": "linear"}, 1.7, 1.7),
+])
+def test_flow_unshift_gives_the_sigmas_that_land_on_a_wanted_grid(config, mu, factor):
+    """Passing ``flow_unshift(levels)`` as ``sigmas`` makes FlowMatchEuler sample at ``levels``; ``flow_shift`` is
+    the shift it applies."""
+    scheduler = FlowMatchEulerDiscreteScheduler(**config)
+    wanted = torch.tensor([1.0, 0.8, 0.45, 0.2, 0.05], dtype=torch.float64)
+    scheduler.set_timesteps(sigmas=flow_unshift(wanted, factor).numpy(), mu=mu)
+    torch.testing.assert_close(scheduler.sigmas[:-1].double(), wanted, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(flow_shift(flow_unshift(wanted, factor), factor), wanted)
