@@ -330,8 +330,19 @@ def find_component(name: str) -> Component | None:
     return next((c for c in COMPONENTS if c.name == name), None)
 
 
+# Kinds that check the other components rather than serve users' pipelines.
+VERIFICATION_KINDS = ("oracle",)
+
+
+def _markdown_table(components: list[Component]) -> list[str]:
+    rows = ["| component | kind | what it does | paper | status |", "| --- | --- | --- | --- | --- |"]
+    return rows + [f"| `{c.name}` | {c.kind} | {c.summary} | {c.paper_link} | {c.status} |" for c in components]
+
+
 def components_markdown_table() -> str:
-    """The README's feature table."""
-    rows = ["| component | kind | paper | status |", "| --- | --- | --- | --- |"]
-    rows += [f"| `{c.name}` | {c.kind} | {c.paper_link} | {c.status} |" for c in COMPONENTS]
-    return "\n".join(rows)
+    """The README's component tables: the components users build with, then the verification tools."""
+    kind_order = ("scheduler", "pipeline", "trainer", "guidance", "model")
+    users = sorted((c for c in COMPONENTS if c.kind not in VERIFICATION_KINDS), key=lambda c: kind_order.index(c.kind))
+    tools = [c for c in COMPONENTS if c.kind in VERIFICATION_KINDS]
+    return "\n".join([*_markdown_table(users), "", "Verification tools (`diffusers_ext.testing`): exact oracles that "
+                      "the components are checked against.", "", *_markdown_table(tools)])

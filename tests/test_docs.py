@@ -103,7 +103,10 @@ def test_command_line_snippets_parse(code, marker):
         words = shlex.split(line, comments=True)
         if not words or words[0] != "diffusers-ext":
             continue
-        if words[1] == "train":
-            parse_arguments(words[2:])
-        else:
-            build_parser().parse_args(words[1:])
+        try:
+            if words[1] == "train":
+                parse_arguments(words[2:])
+            else:
+                build_parser().parse_args(words[1:])
+        except SystemExit as exit_:
+            assert exit_.code == 0 and "--help" in words, f"{line!r} does not parse"
