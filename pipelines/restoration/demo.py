@@ -117,14 +117,15 @@ def run_restoration_demo(output: Path) -> dict[str, tuple[float, float]]:
     figure.savefig(output / "restoration.png", dpi=100)
     plt.close(figure)
 
-    steps = pipe.scheduler.config.num_train_timesteps
+    steps = len(pipe.scheduler.timesteps)
     lines = [f"4x super-resolution of {len(reference)} held-out photo crops ({reference.shape[-1]} px), shipped tiny "
-             f"ResShift model, {steps} steps, {seconds:.1f} s:",
+             f"ResShift model, {steps} steps (the model's default), {seconds:.1f} s; means over the crops:",
              f"  {'':<10}{'PSNR (dB)':>10}{'SSIM':>8}"]
     lines += [f"  {name:<10}{p:>10.2f}{s:>8.3f}" for name, (p, s) in scores.items()]
-    verdict = "beat" if scores["restored"][0] > scores["bicubic"][0] else "does NOT beat"
-    lines.append(f"  the restored images {verdict} bicubic upsampling by "
-                 f"{scores['restored'][0] - scores['bicubic'][0]:+.2f} dB")
+    gains = (psnr(images["restored"], reference) - psnr(images["bicubic"], reference)).tolist()
+    lines.append(f"  restored minus bicubic, per crop: {', '.join(f'{gain:+.2f}' for gain in gains)} dB "
+                 f"(better on {sum(gain > 0 for gain in gains)} of {len(gains)})")
+    lines.append("  the model card has the same comparison on 8 crops (diffusers_ext/assets/tiny-resshift-sr4)")
     text = "\n".join(lines)
     print(text)
     (output / "restoration.txt").write_text(text + "\n", encoding="utf-8")
