@@ -58,12 +58,20 @@ def first_hitting_time(t: torch.Tensor, num_masked: torch.Tensor, uniform: torch
     return time_of_unmasked_fraction(1 - masked_probability, schedule)
 
 
-def ordering_scores(probabilities: torch.Tensor, order: str, generator: torch.Generator | None) -> torch.Tensor:
+def token_logits(model_output: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+    """The model's logits in float64 with the mask token excluded (a clean token is never the mask)."""
+    logits = model_output.to(torch.float64).clone()
+    logits[..., mask_token_id] = -math.inf
+    return logits
+
+
+def ordering_scores(logits: torch.Tensor, order: str, generator: torch.Generator | None) -> torch.Tensor:
     """Higher is decoded first. ``confidence``: top-1 probability; ``margin``: top-1 minus top-2; ``entropy``:
     minus the entropy; ``random``: uniform. Each depends only on the current sequence, never on a drawn token, so
     one token per step stays an exact sampler whatever the order."""
     if order == "random":
-        return torch.rand(probabilities.shape[:-1], generator=generator, dtype=torch.float64).to(probabilities.device)
+        return torch.rand(logits.shape[:-1], generator=generator, dtype=torch.float64).to(logits.device)
+    probabilities = logits.softmax(-1)
     if order == "confidence":
         return probabilities.amax(-1)
     if order == "margin":
@@ -74,13 +82,12 @@ def ordering_scores(probabilities: torch.Tensor, order: str, generator: torch.Ge
 
 @dataclass
 class MaskedDiffusionSchedulerOutput(BaseOutput):
-    """``prev_sample``: the sequence after the step (B, L); ``pred_original_sample``: a token drawn at every position
-    from the model's prediction; ``changed``: (B,) whether the step revealed any token, so that a time-independent
-    (RADD) denoiser need not be called again when no sequence changed; ``timestep``: (B,) the new time (first
-    hitting: per sequence)."""
+    """``prev_sample``: the sequence after the step (B, L); ``changed``: (B,) whether the step revealed any token, so
+    that a time-independent (RADD) denoiser need not be called again when no sequence changed; ``timestep``: (B,) the
+    new time (first hitting: per sequence). Tokens are drawn only where they are revealed, so there is no
+    ``pred_original_sample``: a draw at every position of (B, L, V) would cost most of the step."""
 
     prev_sample: torch.LongTensor
-    pred_original_sample: torch.LongTensor
     changed: torch.BoolTensor
     timestep: torch.Tensor
 
@@ -136,7 +143,8 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
     - ``first_hitting``: one token per step, at a masked position chosen uniformly, its value drawn from
       ``p(x0^i | x_t)``; the time moves to the exact first-hitting time of the ``n`` masked tokens,
       ``1 - alpha_s = (1 - alpha_t) u^(1/n)`` (reported per sequence, for time-conditioned models). Exact in law for an
-      exact denoiser, in L steps whatever T.
+      exact denoiser. ``num_inference_steps`` must be at least the number of masked tokens (``step`` raises
+      otherwise: several tokens per step would not be first hitting); steps after the last reveal change nothing.
     - ``parallel``: at step ``i`` of ``T``, ``ceil(n / (T - i))`` masked tokens are revealed, the positions ranked by
       ``unmasking_order`` (``confidence``, ``margin``, ``entropy`` or ``random``); ``T = L`` is one token per step.
 
@@ -144,6 +152,12 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
     block by block from the left (a step that reveals more tokens than the current block holds continues into the
     next). A step whose ``changed`` is False for every sequence leaves the input of a
     time-independent denoiser unchanged (RADD's caching): ``RADDLogitsCache`` reuses the last logits.
+
+    ``compatibles`` is empty on purpose: diffusers' discrete schedulers cannot stand in for this one or it for them.
+    ``BlockRefinementScheduler`` (LLaDA2, DiffusionGemma) takes ``mask_token_id`` and sampling settings in ``step``
+    and returns ``transfer_index`` / ``sampled_tokens``; ``DiscreteDDIMScheduler`` and ``EntropyBoundScheduler`` are
+    for uniform corruption, with no mask token. ``from_config`` across them either fails (no ``mask_token_id``) or
+    builds a scheduler whose step the other pipeline cannot drive.
 
     Args:
         mask_token_id: the absorbing state's token id.
@@ -216,6 +230,19 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         block = torch.arange(sample.shape[1], device=sample.device) // self.config.block_length
         return -1e4 * block.to(torch.float64)
 
+    def check_enough_steps(self, num_masked: int) -> None:
+        """``first_hitting`` reveals one token per step, so the steps left must cover the ``num_masked`` tokens still
+        masked; otherwise a ``ValueError`` (the run would end with masked tokens)."""
+        if self.config.sampler != "first_hitting" or self.num_inference_steps is None:
+            return
+        steps_left = self.num_inference_steps - self._step_index
+        if num_masked > steps_left:
+            raise ValueError(
+                f"sampler='first_hitting' reveals one token per step: {num_masked} masked tokens need "
+                f"num_inference_steps >= {num_masked + self._step_index}, got {self.num_inference_steps}; for fewer "
+                "steps use sampler='parallel' (several tokens per step, not exact in law)"
+            )
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -235,10 +262,6 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         mask_id = self.config.mask_token_id
         if mask_id >= model_output.shape[-1]:
             raise ValueError(f"mask_token_id {mask_id} is outside the model's vocabulary of {model_output.shape[-1]}")
-        logits = model_output.to(torch.float64).clone()
-        logits[..., mask_id] = -math.inf
-        dtype = PRECISIONS[self.config.sampling_precision]
-        proposal = gumbel_max_sample(logits, generator, dtype)
         masked = sample == mask_id
         batch = sample.shape[0]
         if self._times is None:
@@ -257,23 +280,28 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         else:
             num_masked = masked.sum(1)
             if sampler == "first_hitting":
+                self.check_enough_steps(int(num_masked.max()))
                 count = (num_masked > 0).long()
-                scores = ordering_scores(logits.softmax(-1), "random", generator)
+                scores = ordering_scores(model_output, "random", generator)
                 uniform = torch.rand(batch, generator=generator, dtype=torch.float64)
                 self._times = torch.where(num_masked.cpu() > 0, first_hitting_time(
                     self._times, num_masked.cpu().double(), uniform, self.config.noise_schedule), self._times)
             else:
                 steps_left = self.num_inference_steps - self._step_index
                 count = (num_masked + steps_left - 1) // steps_left
-                scores = ordering_scores(logits.softmax(-1), self.config.unmasking_order, generator)
+                order = self.config.unmasking_order
+                scores = ordering_scores(model_output if order == "random" else token_logits(model_output, mask_id),
+                                         order, generator)
             scores = torch.where(masked, scores.to(torch.float64) + self._block_rank_offset(sample), -math.inf)
             ranks = scores.argsort(1, descending=True).argsort(1)
             reveal = masked & (ranks < count[:, None])
-        prev_sample = torch.where(reveal, proposal, sample)
+        # Only the revealed positions need a token: drawing one at every position of (B, L, V) cost most of a step.
+        prev_sample = sample.clone()
+        prev_sample[reveal] = gumbel_max_sample(token_logits(model_output[reveal], mask_id), generator,
+                                                PRECISIONS[self.config.sampling_precision])
         self._step_index += 1
         changed = reveal.any(1)
         timestep_out = self._times.clone()
         if not return_dict:
-            return prev_sample, proposal, changed, timestep_out
-        return MaskedDiffusionSchedulerOutput(prev_sample=prev_sample, pred_original_sample=proposal, changed=changed,
-                                              timestep=timestep_out)
+            return prev_sample, changed, timestep_out
+        return MaskedDiffusionSchedulerOutput(prev_sample=prev_sample, changed=changed, timestep=timestep_out)

@@ -100,6 +100,44 @@ def test_first_hitting_and_ancestral_agree_in_distribution(oracle, tv_bound, anc
     assert distance < 2 * tv_bound
 
 
+def test_first_hitting_with_fewer_steps_than_masked_tokens_raises_and_more_steps_finish():
+    """One token per step: 3 steps cannot reveal 6 tokens (the run used to end with 3 still masked, silently)."""
+    scheduler = MaskedDiffusionScheduler(mask_token_id=MASK, sampler="first_hitting")
+    tokens = torch.full((4, LENGTH), MASK)
+    scheduler.set_timesteps(3)
+    with pytest.raises(ValueError, match="6 masked tokens need num_inference_steps >= 6, got 3"):
+        scheduler.step(torch.zeros(4, LENGTH, VOCAB), scheduler.timesteps[0], tokens)
+    scheduler.set_timesteps(LENGTH + 2)
+    for t in scheduler.timesteps:
+        tokens = scheduler.step(torch.zeros(4, LENGTH, VOCAB), t, tokens).prev_sample
+    assert (tokens != MASK).all()
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "first_hitting", "parallel"])
+def test_tokens_are_drawn_only_where_they_are_revealed(sampler, monkeypatch, oracle):
+    """A categorical draw at every position of (B, L, V) took most of an ancestral step's time, at steps that reveal
+    a token or two; only the revealed positions need one."""
+    from diffusers_ext.schedulers import scheduling_masked_diffusion
+
+    drawn = []
+    draw = scheduling_masked_diffusion.gumbel_max_sample
+
+    def counting_draw(logits, generator, dtype):
+        drawn.append(logits.shape[:-1].numel())
+        return draw(logits, generator, dtype)
+
+    monkeypatch.setattr(scheduling_masked_diffusion, "gumbel_max_sample", counting_draw)
+    scheduler = MaskedDiffusionScheduler(mask_token_id=MASK, sampler=sampler)
+    tokens = torch.full((32, LENGTH), MASK)
+    scheduler.set_timesteps(20 if sampler == "ancestral" else LENGTH)
+    generator, revealed = torch.Generator().manual_seed(0), []
+    for t in scheduler.timesteps:
+        before = int((tokens == MASK).sum())
+        tokens = scheduler.step(oracle(tokens), t, tokens, generator=generator).prev_sample
+        revealed.append(before - int((tokens == MASK).sum()))
+    assert drawn == revealed and sum(drawn) == 32 * LENGTH
+
+
 def test_first_hitting_times_follow_the_schedule():
     """With n masked tokens the first-hitting time from t is t u^(1/n) under the log-linear schedule: its mean over
     u is t n / (n + 1)."""

@@ -143,6 +143,42 @@ def test_bad_inputs_give_clear_errors(tokenizer):
         without(sequence_length=4)
 
 
+class EmbeddingLogits(torch.nn.Module):
+    """A plain torch module (no ``config``, no ``device``) returning logits as a tensor."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.table = torch.nn.Embedding(vocab_size, vocab_size)
+
+    def forward(self, input_ids):
+        return self.table(input_ids)
+
+
+def test_a_plain_torch_module_serves_as_the_model(tokenizer):
+    torch.manual_seed(0)
+    scheduler = MaskedDiffusionScheduler(mask_token_id=tokenizer.mask_token_id, sampler="first_hitting")
+    pipe = MaskedDiffusionLMPipeline(tokenizer=tokenizer, model=EmbeddingLogits(len(tokenizer)), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    output = pipe(num_sequences_per_prompt=2, sequence_length=8, generator=seeded())
+    assert output.token_ids.shape == (2, 8) and (output.token_ids != tokenizer.mask_token_id).all()
+    assert output.num_model_calls == 8 and pipe(num_sequences_per_prompt=2, sequence_length=8,
+                                                 generator=seeded()).texts == output.texts
+
+
+def test_length_and_step_errors_come_before_any_model_call(tokenizer):
+    pipe = make_pipeline(tokenizer, sampler="first_hitting")
+    calls = []
+    pipe.model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1), with_kwargs=True)
+    with pytest.raises(ValueError, match="sequence_length is 200 tokens, more than the model's 64 positions"):
+        pipe(sequence_length=200)
+    template = "The" + tokenizer.mask_token * 70
+    with pytest.raises(ValueError, match="infill template has 71 tokens, more than the model's 64 positions"):
+        pipe(infill=template)
+    with pytest.raises(ValueError, match="6 masked tokens need num_inference_steps >= 6, got 3"):
+        pipe(sequence_length=6, num_inference_steps=3)
+    assert calls == []
+
+
 def test_a_callback_that_edits_the_tokens_invalidates_the_cache(tokenizer):
     """Edit (copy) the tokens after a step that revealed nothing: the next step must call the model again, one call
     more than the same seeded run without the edit."""

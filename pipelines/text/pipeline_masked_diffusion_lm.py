@@ -25,9 +25,10 @@ class MaskedDiffusionLMPipelineOutput(BaseOutput):
 class MaskedDiffusionLMPipeline(DiffusionPipeline):
     r"""Generate or infill text with a masked (absorbing-state) diffusion language model.
 
-    Components: a ``tokenizer`` with a mask token, a ``model`` mapping ``input_ids`` (B, L) to ``.logits`` (B, L, V)
-    (any ``transformers`` ``AutoModelForMaskedLM``, e.g. BERT or RoBERTa, or a bidirectional transformer trained with
-    the MDLM / RADD objective), and a ``MaskedDiffusionScheduler`` whose ``mask_token_id`` is the tokenizer's. The
+    Components: a ``tokenizer`` with a mask token, a ``model`` mapping ``input_ids`` (B, L) to logits (B, L, V), as a
+    tensor or as ``.logits`` (any ``transformers`` ``AutoModelForMaskedLM``, e.g. BERT or RoBERTa, a bidirectional
+    transformer trained with the MDLM / RADD objective, or a plain ``torch.nn.Module``; saving the pipeline needs a
+    model with ``save_pretrained``), and a ``MaskedDiffusionScheduler`` whose ``mask_token_id`` is the tokenizer's. The
     model takes no time input (RADD's time-independent parameterisation), so when a step reveals no token of a
     sequence its logits are reused instead of recomputed (``cache_model_output``).
 
@@ -42,6 +43,19 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(tokenizer=tokenizer, model=model, scheduler=scheduler)
 
+    @property
+    def device(self) -> torch.device:
+        """diffusers' ``device``, which reads ``module.device``; a plain ``torch.nn.Module`` has none, and its
+        parameters tell (CPU for a model without parameters)."""
+        if hasattr(self.model, "device"):
+            return super().device
+        parameter = next(iter(self.model.parameters()), None)
+        return parameter.device if parameter is not None else torch.device("cpu")
+
+    def _logits(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        output = self.model(input_ids=input_ids)
+        return output if isinstance(output, torch.Tensor) else output.logits
+
     def _check_components(self) -> int:
         mask_id = self.tokenizer.mask_token_id
         if mask_id is None:
@@ -49,11 +63,19 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
         if self.scheduler.config.mask_token_id != mask_id:
             raise ValueError(f"the scheduler's mask_token_id ({self.scheduler.config.mask_token_id}) is not the "
                              f"tokenizer's ({mask_id})")
-        model_vocab = getattr(self.model.config, "vocab_size", None)
+        model_vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
         if model_vocab is not None and model_vocab < len(self.tokenizer):
             raise ValueError(f"the model's vocabulary ({model_vocab}) is smaller than the tokenizer's "
                              f"({len(self.tokenizer)}); they were not made for each other")
         return mask_id
+
+    def _check_length(self, tokens: torch.LongTensor, infill) -> None:
+        """Positional models (BERT's ``max_position_embeddings``) cannot read sequences longer than their positions."""
+        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        if limit is not None and tokens.shape[1] > limit:
+            what = "the infill template has" if infill is not None else "sequence_length is"
+            raise ValueError(f"{what} {tokens.shape[1]} tokens, more than the model's {limit} positions "
+                             f"(model.config.max_position_embeddings); pass a sequence_length of at most {limit}")
 
     def _initial_tokens(self, prompt, infill, num_sequences: int, sequence_length: int, mask_id: int):
         if prompt is not None and infill is not None:
@@ -122,9 +144,11 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
         masked_count = int((tokens == mask_id).sum(1).max())
         if num_inference_steps is None:
             num_inference_steps = 1000 if self.scheduler.config.sampler == "ancestral" else masked_count
+        self._check_length(tokens, infill)
         self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+        self.scheduler.check_enough_steps(masked_count)
 
-        denoiser = RADDLogitsCache(lambda ids: self.model(input_ids=ids).logits / temperature, cache_model_output)
+        denoiser = RADDLogitsCache(lambda ids: self._logits(ids) / temperature, cache_model_output)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             output = self.scheduler.step(denoiser(tokens), t, tokens, generator=generator)
             tokens = output.prev_sample
