@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -159,11 +159,11 @@ def _flow_shift_factor(config, mu: float | None) -> float:
 @torch.no_grad()
 def optimize_timesteps(
     scheduler,
-    model: Model,
+    model: Model | Sequence[Model],
     num_inference_steps: int,
     method: str = "ays",
-    data: torch.Tensor | None = None,
-    noise: torch.Tensor | None = None,
+    data: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    noise: torch.Tensor | Sequence[torch.Tensor] | None = None,
     teacher_steps: int = 200,
     num_candidates: int = 11,
     max_sweeps: int = 10,
@@ -180,7 +180,9 @@ def optimize_timesteps(
             flow-matching one (``method="ld3"``).
         model: ``model(sample, timestep) -> prediction`` of the scheduler's prediction type, called on the whole
             batch of ``data`` / ``noise``, e.g. ``lambda x, t: unet(x, t, encoder_hidden_states=embeds).sample``
-            with ``embeds`` repeated to the batch (``embeds.expand(len(x), -1, -1)``).
+            with ``embeds`` repeated to the batch (``embeds.expand(len(x), -1, -1)``). A list of models (each with
+            its own tensor in a list of ``data`` / ``noise``) fits one schedule to all of them: the objective is the
+            mean over models of each one's objective relative to its value on the initial schedule.
         num_inference_steps: model calls of the schedule.
         method: ``"ays"`` (VP only; needs ``data``: clean samples, e.g. VAE latents) or ``"ld3"`` (needs ``noise``:
             starting samples ``x_T``; LD3 uses about 100).
@@ -199,29 +201,32 @@ def optimize_timesteps(
     steps = check_num_inference_steps(num_inference_steps, num_train)
     if steps < 2:
         raise ValueError("a schedule with one step has nothing to optimise")
-    samples = data if method == "ays" else noise
-    if not isinstance(samples, torch.Tensor):
-        raise ValueError(f"method={method!r} needs `{'data' if method == 'ays' else 'noise'}` as a tensor")
+    input_name = "data" if method == "ays" else "noise"
+    models, batches = _paired(model, data if method == "ays" else noise, input_name)
     top, bottom = target.bounds()
-    _check_model_on_the_batch(model, samples, target.model_timesteps(np.array([top])).to(torch.float32))
+    for one_model, batch in zip(models, batches, strict=True):
+        _check_model_on_the_batch(one_model, batch, target.model_timesteps(np.array([top])).to(torch.float32))
 
     # The search moves every level but the first between its neighbours; the last one's lower neighbour is `bottom`.
-    if target.path == "flow":
-        scheduler.set_timesteps(steps, **({"mu": mu} if mu is not None else {}))
-        initial = np.append(scheduler.sigmas[:-1].double().numpy(), bottom)
+    set_timesteps_kwargs = {"mu": mu} if mu is not None else {}
+    if target.path == "flow" or target.ours:  # the scheduler's own grid (e.g. a named sampling_schedule)
+        scheduler.set_timesteps(steps, **set_timesteps_kwargs)
+        initial = np.append(scheduler.sigmas[:-1].double().cpu().numpy(), bottom)
     else:  # time-uniform, as AYS initialises discrete-time models
         rho = vp_noise_ratio(target.alphas_cumprod)
         initial = rho[np.linspace(num_train - 1, 0, steps + 1).round().astype(int)].numpy()
     initial[0], initial[-1] = top, bottom
 
-    if method == "ays":
-        objective = _klub_objective(model, samples, target.alphas_cumprod, scheduler.config.prediction_type,
-                                    num_quadrature_nodes, seed)
-    else:
-        run = _scheduler_runner(target, model, samples)
-        scheduler.set_timesteps(teacher_steps, **({"mu": mu} if mu is not None else {}))
-        teacher = run(None)
-        objective = lambda levels: float((run(levels[:-1]) - teacher).pow(2).mean())  # noqa: E731
+    objectives = []
+    for one_model, batch in zip(models, batches, strict=True):
+        if method == "ays":
+            objectives.append(_klub_objective(one_model, batch, target.alphas_cumprod,
+                                              scheduler.config.prediction_type, num_quadrature_nodes, seed))
+        else:
+            run = _scheduler_runner(target, one_model, batch)
+            scheduler.set_timesteps(teacher_steps, **set_timesteps_kwargs)
+            objectives.append(_distance_to_teacher(run, run(None)))
+    objective = objectives[0] if len(objectives) == 1 else _relative_mean(objectives, initial, local=method == "ays")
 
     levels, history = _coordinate_search(objective, initial, num_candidates, max_sweeps, method == "ays", progress)
     called = levels[:-1]
@@ -231,6 +236,29 @@ def optimize_timesteps(
         scheduler.register_to_config(sampling_schedule=called.tolist())
     return OptimizedSchedule(sigmas=called.tolist(), timesteps=target.model_timesteps(called).tolist(),
                              pipeline_kwargs=pipeline_kwargs, objective=history)
+
+
+def _paired(model, samples, name: str) -> tuple[list, list[torch.Tensor]]:
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    batches = list(samples) if isinstance(samples, (list, tuple)) else [samples]
+    if not all(isinstance(batch, torch.Tensor) for batch in batches) or len(batches) != len(models):
+        raise ValueError(f"this method needs `{name}`: a tensor, or a list of tensors with one per model "
+                         f"({len(models)} models)")
+    return models, batches
+
+
+def _distance_to_teacher(run, teacher: torch.Tensor):
+    return lambda levels: float((run(levels[:-1]) - teacher).pow(2).mean())
+
+
+def _relative_mean(objectives, initial: np.ndarray, local: bool):
+    """The mean of ``objectives`` each divided by its value on ``initial`` (for a ``local`` objective, a sum over
+    intervals, the sum of its intervals), so that every model weighs the same."""
+    def total(objective, levels):
+        return sum(objective(levels[i : i + 2]) for i in range(len(levels) - 1)) if local else objective(levels)
+
+    scales = [total(objective, initial) for objective in objectives]
+    return lambda levels: sum(o(levels) / s for o, s in zip(objectives, scales, strict=True)) / len(objectives)
 
 
 def _check_model_on_the_batch(model: Model, samples: torch.Tensor, timestep: torch.Tensor) -> None:

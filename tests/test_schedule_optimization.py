@@ -10,6 +10,7 @@ from test_er_sde import SMOOTH_LAW
 from tiny_pipelines import stable_diffusion_inputs, tiny_stable_diffusion
 
 from diffusers_ext.schedulers import ERSDESolverScheduler, RFSolverScheduler, TimeShiftScheduler, optimize_timesteps
+from diffusers_ext.testing import GaussianMixture
 from diffusers_ext.testing.sampler_accuracy import SD3_SCHEDULER_CONFIG, SD_SCHEDULER_CONFIG, oracle_for
 
 
@@ -164,3 +165,33 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="transforms custom sigmas"):
         optimize_timesteps(FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True), model, 5, method="ld3",
                            noise=torch.zeros(1))
+
+
+def test_one_schedule_for_several_models():
+    """A list of models (here exact denoisers of two laws of different dimension) with one noise batch each: the
+    objective is the mean over models of the LD3 loss relative to the initial schedule's."""
+    scheduler = ERSDESolverScheduler.from_config(SD_SCHEDULER_CONFIG, noise_scale="ode", sampling_schedule=None)
+    oracles = [oracle_for(law, scheduler.config).double() for law in (SMOOTH_LAW, GaussianMixture(
+        [[1.0, 0.0, -1.0, 0.5], [-1.0, 0.5, 0.0, 0.0]], [0.2, 0.4]))]
+    models = [lambda x, t, oracle=oracle: oracle(x, t).sample for oracle in oracles]
+    noises = [_noise(oracle, 32, seed) for seed, oracle in enumerate(oracles)]
+
+    def run(model, noise, **grid):
+        scheduler.set_timesteps(**grid)
+        x = noise.clone()
+        for t in scheduler.timesteps:
+            x = scheduler.step(model(x, t.expand(len(x))), t, x).prev_sample
+        return x
+
+    pairs = list(zip(models, noises, strict=True))
+    teachers = [run(model, noise, num_inference_steps=50) for model, noise in pairs]
+    initial = [float((run(model, noise, num_inference_steps=4) - teacher).pow(2).mean())
+               for (model, noise), teacher in zip(pairs, teachers, strict=True)]
+    result = optimize_timesteps(scheduler, models, 4, method="ld3", noise=noises, progress=False, max_sweeps=2,
+                                teacher_steps=50)
+    relative = [float((run(model, noise, sigmas=result.sigmas) - teacher).pow(2).mean()) / before
+                for (model, noise), teacher, before in zip(pairs, teachers, initial, strict=True)]
+    assert result.objective[0] == pytest.approx(1.0)
+    assert result.objective[-1] == pytest.approx(sum(relative) / 2, rel=1e-9) and result.objective[-1] < 1
+    with pytest.raises(ValueError, match="one per model"):
+        optimize_timesteps(scheduler, models, 4, method="ld3", noise=noises[:1], progress=False)
