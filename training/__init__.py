@@ -1,48 +1,40 @@
-"""Trainers on accelerate + PEFT: one trainer core, each method a loss plugged into it."""
+"""Trainers on accelerate + PEFT: one trainer core, each method a loss plugged into it.
 
-from .ddpo import DDIMPolicy, DDPOObjective
-from .domainstudio import DomainStudioObjective, DomainStudioValidation, pairwise_diversity
-from .lcm_lora import LCMLoRADistillation, lcm_lora_pipeline, lcm_lora_sample
-from .masked_diffusion_lm import MaskedDiffusionLMObjective
-from .paired_restoration import PairedRestorationObjective
-from .policy_gradient import PolicyGradientObjective, RewardNormalizer
-from .rlcm import LCMPolicy, RLCMObjective
-from .smooth_lora import ISTDValidation, SmoothLoRAObjective, interpolation_std
-from .spm import SPMConceptData, SPMObjective, SPMTransport, SPMValidation, load_spm, save_spm
-from .text_data import pydoc_paragraphs, token_chunks, train_and_held_out, train_tokenizer
-from .trainer import Trainer, TrainingConfig, TrainingMethod, TrainingResult, latest_checkpoint
+Names are imported from their modules on first use (as ``diffusers_ext`` does), so that ``diffusers-ext train``
+parses its arguments and prints its help without importing torch.
+"""
 
-__all__ = [
-    "DDIMPolicy",
-    "DDPOObjective",
-    "DomainStudioObjective",
-    "DomainStudioValidation",
-    "ISTDValidation",
-    "LCMLoRADistillation",
-    "LCMPolicy",
-    "MaskedDiffusionLMObjective",
-    "PairedRestorationObjective",
-    "PolicyGradientObjective",
-    "RLCMObjective",
-    "RewardNormalizer",
-    "SPMConceptData",
-    "SPMObjective",
-    "SPMTransport",
-    "SPMValidation",
-    "SmoothLoRAObjective",
-    "Trainer",
-    "TrainingConfig",
-    "TrainingMethod",
-    "TrainingResult",
-    "interpolation_std",
-    "latest_checkpoint",
-    "lcm_lora_pipeline",
-    "lcm_lora_sample",
-    "load_spm",
-    "pairwise_diversity",
-    "pydoc_paragraphs",
-    "save_spm",
-    "token_chunks",
-    "train_and_held_out",
-    "train_tokenizer",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_MODULES = {
+    "config": ["TrainingConfig", "latest_checkpoint"],
+    "ddpo": ["DDIMPolicy", "DDPOObjective"],
+    "domainstudio": ["DomainStudioObjective", "DomainStudioValidation", "pairwise_diversity"],
+    "lcm_lora": ["LCMLoRADistillation", "lcm_lora_pipeline", "lcm_lora_sample"],
+    "masked_diffusion_lm": ["MaskedDiffusionLMObjective"],
+    "paired_restoration": ["PairedRestorationObjective"],
+    "policy_gradient": ["PolicyGradientObjective", "RewardNormalizer"],
+    "rlcm": ["LCMPolicy", "RLCMObjective"],
+    "smooth_lora": ["ISTDValidation", "SmoothLoRAObjective", "interpolation_std"],
+    "spm": ["SPMConceptData", "SPMObjective", "SPMTransport", "SPMValidation", "load_spm", "save_spm"],
+    "text_data": ["pydoc_paragraphs", "token_chunks", "train_and_held_out", "train_tokenizer"],
+    "trainer": ["Trainer", "TrainingMethod", "TrainingResult"],
+}
+_LAZY = {name: module for module, names in _MODULES.items() for name in names}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

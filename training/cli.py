@@ -1,12 +1,19 @@
 """``diffusers-ext train <method> [--config run.yaml] [--<field> value ...] [--resume latest|PATH]``: a registered
-method on the shared ``Trainer``. The run's ``TrainingConfig`` is the YAML file's fields with the flags on top (every
-field is a flag, ``--max_steps`` or ``--max-steps``); ``--resume`` is ``--resume_from``.
+method on the shared ``Trainer``.
 
-A method registers itself with one entry in ``TRAINING_METHODS``: its name -> a function of the run's
-``TrainingConfig`` and the parsed arguments that returns ``(method, model, dataset)``.
+A run's ``TrainingConfig`` is ``TrainingConfig``'s defaults, then the method's own (``TrainingMethodEntry.defaults``),
+then the ``--config`` file's fields, then the flags (every field is a flag: ``--max-steps`` or ``--max_steps``).
+``--resume`` takes the run's settings from its checkpoint instead, and refuses flags that contradict them.
 
-The run writes ``output_dir/config.yaml`` (the effective config: ``--config`` it to repeat the run), checkpoints, and
-the trained weights in ``output_dir/final`` (their EMA when ``ema_decay`` is set, as diffusers' examples ship).
+Everything the command can check is checked before torch is imported (but for ``--log-with``, checked against
+accelerate's trackers) and before anything is written: ``--help`` and user errors (one line, exit code 2) cost a
+fraction of a second. ``transformers.HfArgumentParser`` would also map
+``TrainingConfig`` to flags (the fields carry its ``help`` / ``metavar`` metadata), but importing it costs about a
+second, it gives every flag a default (so flags the user gave could not be told from defaults, which layering over a
+config file and a checkpoint needs), and it cannot take ``none`` for an optional field; the few lines below do.
+
+The run writes ``output_dir/config.yaml`` (its settings: ``--config`` it to repeat the run), checkpoints, and the
+trained weights in ``output_dir/final`` (their EMA when ``ema_decay`` is set, as diffusers' examples ship).
 """
 
 from __future__ import annotations
@@ -14,81 +21,209 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import shutil
+import textwrap
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
-import torch
-from torch.utils.data import Dataset
+from .config import (
+    CHANGEABLE_ON_RESUME,
+    CHECKPOINT_PREFIX,
+    CHECKPOINT_RECORD,
+    LCM_LORA_TARGET_MODULES,
+    SPM_TARGET_MODULES,
+    CheckpointRecord,
+    TrainingConfig,
+    checkpoint_folder,
+    coerce_field,
+    read_config_file,
+    resume_contradictions,
+    shown_value,
+)
 
-from .trainer import Trainer, TrainingConfig, TrainingMethod, TrainingResult, coerce_field, process_state
-
-MethodFactory = Callable[[TrainingConfig, argparse.Namespace], tuple[TrainingMethod, torch.nn.Module, Dataset]]
+PROG = "diffusers-ext train"
 FINAL_FOLDER = "final"
-TEXT_SEQUENCE_LENGTH = 32
-PATCH_SIZE = 32
+RUN_CONFIG_NAME = "config.yaml"
+RUN_CONFIG_COMMENT = PROG + " {method}: this run's settings (--config this file to repeat the run)"
+MAX_HELP_WIDTH = 100
 
 
-def masked_diffusion_lm(config: TrainingConfig, args: argparse.Namespace):
-    """MDLM / RADD on Python's documentation: a 400-token BPE tokenizer (saved to ``output_dir/tokenizer``) and a
-    2-layer BERT, on 32-token chunks."""
-    from transformers import BertConfig, BertForMaskedLM
+def toy_function(module: str, name: str = "toy_run") -> Callable[..., Any]:
+    """``training.<module>.<name>``, imported when called: the registry must not import torch."""
 
-    from ..schedulers import MaskedDiffusionScheduler
-    from .masked_diffusion_lm import MaskedDiffusionLMObjective
-    from .text_data import pydoc_paragraphs, token_chunks, train_tokenizer
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(f".{module}", __package__), name)(*args, **kwargs)
 
-    paragraphs = pydoc_paragraphs()
-    tokenizer = train_tokenizer(paragraphs[:400], vocab_size=400)
-    if process_state().is_main_process:  # the model is useless without the tokenizer this run trained
-        tokenizer.save_pretrained(Path(config.output_dir) / "tokenizer")
-    torch.manual_seed(config.seed)
-    model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, intermediate_size=128,
-                                       max_position_embeddings=TEXT_SEQUENCE_LENGTH))
-    method = MaskedDiffusionLMObjective(MaskedDiffusionScheduler(mask_token_id=tokenizer.mask_token_id))
-    return method, model.train(), token_chunks(tokenizer, paragraphs, TEXT_SEQUENCE_LENGTH)
+    return call
 
 
-def restoration(config: TrainingConfig, args: argparse.Namespace):
-    """ResShift denoising (Gaussian noise, std 0.1) on 512 patches of 32 px from scikit-image's training photos, with
-    a small ``UNet2DModel`` (one attention level, so that LoRA has attention projections to wrap)."""
-    from diffusers import UNet2DModel
+@dataclasses.dataclass(frozen=True)
+class TrainingMethodEntry:
+    """A method of ``diffusers-ext train``: how its run is built and saved, and what ``--help`` says of it.
 
-    from ..schedulers import ResShiftScheduler
-    from .paired_restoration import PairedRestorationObjective
-    from .restoration_data import DegradedPatchDataset, make_degradation, random_patches, scikit_image_photos
+    Attributes:
+        build: ``build(config, args) -> (method, model, dataset)``, the run's parts (it imports torch itself).
+        summary: its line in ``diffusers-ext train --help``.
+        description: what the run trains, on what, with which fixed settings (``summary`` when empty).
+        writes: the folders of ``output_dir`` the run writes besides ``config.yaml`` and checkpoints, and how each
+            loads.
+        defaults: the method's own defaults for ``TrainingConfig`` fields (a config file and flags override them).
+        fixed: field values the method cannot run without; another value is an error.
+        needs_adapter: the method trains a LoRA adapter, so ``lora_rank`` must not be none.
+        save: ``save(model, folder, method_name=..., config=..., dataset=...) -> folder``, what writes ``final``;
+            ``None``: ``save_trained_model``.
+    """
 
-    patches = random_patches(scikit_image_photos("train"), PATCH_SIZE, count=512, seed=config.seed)
-    dataset = DegradedPatchDataset(patches, make_degradation("gaussian_noise", std=0.1, clip=True), seed=config.seed)
-    torch.manual_seed(config.seed)
-    unet = UNet2DModel(sample_size=PATCH_SIZE, in_channels=6, out_channels=3, block_out_channels=(16, 32),
-                       layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"))
-    method = PairedRestorationObjective(ResShiftScheduler(num_train_timesteps=4, kappa=0.5))
-    return method, unet.train(), dataset
-
-
-def toy_run_of(module: str) -> MethodFactory:
-    """The ``toy_run(config, args)`` of ``training.<module>``, imported only when its method is chosen."""
-
-    def toy_run(config: TrainingConfig, args: argparse.Namespace):
-        return importlib.import_module(f".{module}", __package__).toy_run(config, args)
-
-    return toy_run
+    build: Callable[..., Any]
+    summary: str
+    description: str = ""
+    writes: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    needs_adapter: bool = False
+    save: Callable[..., Any] | None = None
 
 
-TRAINING_METHODS: dict[str, MethodFactory] = {
-    "ddpo": toy_run_of("ddpo"),
-    "domainstudio": toy_run_of("domainstudio"),
-    "lcm-lora": toy_run_of("lcm_lora"),
-    "masked-diffusion-lm": masked_diffusion_lm,
-    "restoration": restoration,
-    "rlcm": toy_run_of("rlcm"),
-    "smooth-lora": toy_run_of("smooth_lora"),
-    "spm": toy_run_of("spm"),
+DENOISER_WRITES = ("with lora_rank: the adapter, pytorch_lora_weights.safetensors (pipe.load_lora_weights(folder)); "
+                   "without: the whole UNet (UNet2DConditionModel.from_pretrained(folder))")
+
+TRAINING_METHODS: dict[str, TrainingMethodEntry] = {
+    "ddpo": TrainingMethodEntry(
+        build=toy_function("ddpo"),
+        summary="DDPO: PPO over DDIM sampling steps for any reward (toy: JPEG compressibility)",
+        description="DDPO (arXiv 2305.13301) treats each DDIM step (eta > 0) as an action and a reward on the final "
+                    "image as the return, and fine-tunes the UNet with PPO. The toy run: a random tiny Stable "
+                    "Diffusion pipeline, the prompts 'a cat', 'a dog', 'a bird', 'a fish', 4 images per prompt a "
+                    "round, 10 DDIM steps at guidance 3, JPEG compressibility as the reward.",
+        writes={"base_pipeline/": "the random pipeline it trains (StableDiffusionPipeline.from_pretrained)",
+                "final/": f"{DENOISER_WRITES}; sample it with DDIM at eta=1"}),
+    "domainstudio": TrainingMethodEntry(
+        build=toy_function("domainstudio"),
+        summary="DomainStudio: few-shot domain adaptation keeping relative distances and high frequencies",
+        description="DomainStudio (arXiv 2306.14153) fine-tunes on a few images of a domain with a DreamBooth prior, "
+                    "keeping the adapted samples' relative distances and high-frequency details so that the model "
+                    "does not collapse onto the shots. The toy run: the official loss weights on a random tiny UNet "
+                    "(training.smooth_lora.toy_unet(seed)), 4 shots and 8 source latents with random prompt "
+                    "embeddings. Without lora_rank (the paper's setting) the source model is a frozen copy of the "
+                    "initial UNet, with it the UNet with its adapter turned off.",
+        writes={"final/": f"{DENOISER_WRITES}, for training.smooth_lora.toy_unet(seed)"}),
+    "lcm-lora": TrainingMethodEntry(
+        build=toy_function("lcm_lora"),
+        summary="LCM-LoRA: few-step sampling distilled into a LoRA adapter (sampled with LCMScheduler)",
+        description="LCM-LoRA (arXiv 2311.05556) distils latent consistency into a LoRA adapter: the UNet with the "
+                    "adapter off is the teacher. The toy run: a random tiny Stable Diffusion UNet distilled on 256 "
+                    "of its own 50-step samples at guidance 2, which take about a minute to draw on a CPU before "
+                    "the first step. It trains an adapter: rank 8 on the reference script's targets by default.",
+        writes={"base_unet/": "the random teacher UNet (UNet2DConditionModel.from_pretrained)",
+                "final/": "the adapter, pytorch_lora_weights.safetensors: load it into a pipeline with base_unet as "
+                          "its UNet and sample with LCMScheduler at guidance_scale=1 in 1-8 steps "
+                          "(diffusers_ext.training.lcm_lora_pipeline)"},
+        defaults={"lora_rank": 8, "lora_target_modules": LCM_LORA_TARGET_MODULES},
+        needs_adapter=True),
+    "masked-diffusion-lm": TrainingMethodEntry(
+        build=toy_function("masked_diffusion_lm"),
+        summary="MDLM / RADD: a masked-diffusion language model (toy: Python's documentation)",
+        description="The masked-diffusion language-model objective (MDLM, arXiv 2406.07524; RADD's "
+                    "time-independent parameterisation, arXiv 2406.03736). The toy run: a 400-token BPE tokenizer "
+                    "trained on Python's documentation and a 2-layer BERT on 32-token chunks of it.",
+        writes={"tokenizer/": "the tokenizer the run trained (PreTrainedTokenizerFast.from_pretrained)",
+                "final/": "without lora_rank: the model (BertForMaskedLM.from_pretrained(folder)); with it: the PEFT "
+                          "adapter (PeftModel.from_pretrained); for MaskedDiffusionLMPipeline"}),
+    "restoration": TrainingMethodEntry(
+        build=toy_function("paired_restoration"),
+        summary="ResShift image restoration on paired data (toy: denoising photo patches)",
+        description="The paired-restoration objective (one loss for ResShift, RDDM, the mean-reverting SDE and the "
+                    "diffusion bridge). The toy run: ResShift (4 steps, kappa 0.5) learning to remove Gaussian "
+                    "noise (std 0.1) from 512 patches of 32 px of scikit-image's training photos, with a small "
+                    "UNet2DModel.",
+        writes={"final/": "without lora_rank: the UNet2DModel (from_pretrained(folder)); with it: the PEFT adapter "
+                          "(PeftModel.from_pretrained); sample with ResShiftPipeline and "
+                          "ResShiftScheduler(num_train_timesteps=4, kappa=0.5)"}),
+    "rlcm": TrainingMethodEntry(
+        build=toy_function("rlcm"),
+        summary="RLCM: PPO over a latent consistency model's multistep sampler (toy: JPEG compressibility)",
+        description="RLCM (arXiv 2404.03673) fine-tunes a latent consistency model with PPO over its multistep "
+                    "sampler. The toy run: the random tiny pipeline of ddpo sampled by LCMScheduler in 4 steps, "
+                    "the same four prompts, JPEG compressibility as the reward.",
+        writes={"base_pipeline/": "the random pipeline it trains (StableDiffusionPipeline.from_pretrained)",
+                "final/": f"{DENOISER_WRITES}; sample it with LCMScheduler"}),
+    "smooth-lora": TrainingMethodEntry(
+        build=toy_function("smooth_lora"),
+        summary="Smooth Diffusion: a LoRA with the step-wise variation regularisation (smoother latent space)",
+        description="Smooth Diffusion (arXiv 2312.04410): the denoising loss plus a penalty that makes the output's "
+                    "variation proportional to the input noise's. The toy run: lambda 1, beta 0.01 on a random "
+                    "tiny UNet (training.smooth_lora.toy_unet(seed)) over 512 latents of 2 prompts x 2 prototypes. "
+                    "A LoRA of the official rank 8 by default; --lora-rank none trains the whole UNet.",
+        writes={"final/": f"{DENOISER_WRITES}, for training.smooth_lora.toy_unet(seed)"},
+        defaults={"lora_rank": 8}),
+    "spm": TrainingMethodEntry(
+        build=toy_function("spm"),
+        save=toy_function("spm", "save_toy_run"),
+        summary="SPM: a rank-1 LoRA 'membrane' that erases a concept (toy: 'a cat')",
+        description="SPM (arXiv 2312.16145) trains a one-dimensional adapter, a membrane, that erases a concept while "
+                    "latent anchoring keeps other prompts as they were; at inference each membrane is scaled by the "
+                    "prompt's similarity to its concept (facilitated transport). The toy run erases 'a cat' "
+                    "(surrogate '') from a random tiny Stable Diffusion pipeline with anchor weight 1 and 10 DDIM "
+                    "steps for x_t. A membrane is rank 1, on SPM's targets by default.",
+        writes={"base_pipeline/": "the random pipeline it erases from (StableDiffusionPipeline.from_pretrained)",
+                "final/": "the membrane, pytorch_lora_weights.safetensors and spm.json (the concept): "
+                          "transport = diffusers_ext.training.load_spm(pipe, [\"<output_dir>/final\"]), then "
+                          "transport(prompt, ...) generates; any UNet of that architecture takes it"},
+        defaults={"lora_target_modules": SPM_TARGET_MODULES},
+        fixed={"lora_rank": 1}),
 }
+
+COMMON_WRITES = {
+    RUN_CONFIG_NAME: "this run's settings (--config it to repeat the run)",
+    f"{CHECKPOINT_PREFIX}<step>/": "the full state every checkpoint_every steps and at the last one, for --resume",
+    "validation/, logs/": "validation outputs and tracker logs, with validation_every and log_with",
+}
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, with a user error as one line: its usage block, which here would list every flag, is left out."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as they are written (``_paragraphs`` wraps them, and the table of outputs), option help wrapped
+    without breaking words such as ``diffusers-ext`` or ``to_out.0``."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False, break_long_words=False)
+
+
+def _help_width() -> int:
+    """argparse's width (the terminal's, less 2), at most ``MAX_HELP_WIDTH``."""
+    return min(MAX_HELP_WIDTH, shutil.get_terminal_size().columns - 2)
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return _HelpFormatter(prog, width=_help_width(), max_help_position=34)
+
+
+def _paragraphs(*texts: str) -> str:
+    return "\n\n".join(textwrap.fill(text, _help_width(), break_on_hyphens=False) for text in texts)
+
+
+def _writes_help(entry: TrainingMethodEntry) -> str:
+    rows = {**entry.writes, **COMMON_WRITES}
+    width = max(map(len, rows)) + 2
+    return "\n".join(textwrap.fill(what, _help_width(), initial_indent=f"  {path:<{width}}",
+                                   subsequent_indent=" " * (width + 2), break_on_hyphens=False)
+                     for path, what in rows.items())
+
+
+def _default_help(method: str, entry: TrainingMethodEntry, name: str, default: Any) -> str:
+    if name in entry.fixed:
+        return f"default: {shown_value(entry.fixed[name], ', ')}, which {method} needs"
+    if name in entry.defaults:
+        return f"{method}'s default: {shown_value(entry.defaults[name], ', ')}"
+    return f"default: {shown_value(default, ', ')}"
 
 
 def _flag_type(name: str) -> Callable[[str], object]:
@@ -101,55 +236,157 @@ def _flag_type(name: str) -> Callable[[str], object]:
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffusers-ext train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("method", help=f"the training method: {', '.join(TRAINING_METHODS)}")
-    parser.add_argument("--config", help="a YAML file of TrainingConfig fields (flags override it)")
+def _add_method_parser(methods: Any, method: str, entry: TrainingMethodEntry) -> None:
+    description = (f"{_paragraphs(entry.description or entry.summary)}\n\n"
+                   f"writes into output_dir:\n{_writes_help(entry)}\n\n"
+                   + _paragraphs("Settings: TrainingConfig's fields with this method's defaults; a --config file "
+                                 "overrides the defaults, flags override the file. With --resume the checkpoint "
+                                 "supplies them, and only these may differ: "
+                                 f"{', '.join(n for n in CHANGEABLE_ON_RESUME if n != 'resume_from')}."))
+    parser = methods.add_parser(method, help=entry.summary, prog=f"{PROG} {method}", description=description,
+                                usage=f"{PROG} {method} [--config FILE] [--resume latest|PATH] [--FIELD VALUE ...]",
+                                formatter_class=_formatter)
+    parser.add_argument("--config", metavar="FILE", help="a YAML file of the settings below")
+    settings = parser.add_argument_group("settings")
     hints = typing.get_type_hints(TrainingConfig)
-    for f in dataclasses.fields(TrainingConfig):
-        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        if f.name == "resume_from":
-            names.append("--resume")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        options = dict(dest=f.name, default=argparse.SUPPRESS, help=f"(default: {default})")
-        if any(typing.get_origin(t) is list for t in (hints[f.name], *typing.get_args(hints[f.name]))):
-            parser.add_argument(*names, nargs="+", metavar="NAME", **options)
-        elif hints[f.name] is bool:
-            parser.add_argument(*names, nargs="?", const=True, type=_flag_type(f.name), metavar="BOOL", **options)
+    for field in dataclasses.fields(TrainingConfig):
+        names = [f"--{field.name.replace('_', '-')}"]
+        hidden = [f"--{field.name}"] if "_" in field.name else []
+        if field.name == "resume_from":
+            names, hidden = ["--resume"], ["--resume-from", *hidden]
+        options: dict[str, Any] = dict(dest=field.name, default=argparse.SUPPRESS,
+                                       metavar=field.metadata.get("metavar"))
+        field_type = hints[field.name]
+        if any(typing.get_origin(t) is list for t in (field_type, *typing.get_args(field_type))):
+            options.update(nargs="+")  # joined with commas and parsed with the rest (values_given)
+        elif field_type is bool:
+            options.update(nargs="?", const=True, type=_flag_type(field.name), metavar="BOOL")
         else:
-            value_type = next(t for t in (int, float, str) if t in (hints[f.name], *typing.get_args(hints[f.name])))
-            metavar = "latest|PATH" if f.name == "resume_from" else value_type.__name__.upper()
-            parser.add_argument(*names, type=_flag_type(f.name), metavar=metavar, **options)
+            options.update(type=_flag_type(field.name))
+        default_help = _default_help(method, entry, field.name, field.default)
+        settings.add_argument(*names, help=f"{field.metadata['help']} ({default_help})", **options)
+        if hidden:
+            settings.add_argument(*hidden, help=argparse.SUPPRESS, **options)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    overview = _paragraphs(
+        "Train a registered method on diffusers-ext's shared Trainer (accelerate: mixed precision, gradient "
+        "accumulation, multi-process with accelerate launch, checkpoints with an exact resume; PEFT LoRA adapters). "
+        "Each method's toy run trains a tiny model offline, in minutes on a CPU.",
+        f"{PROG} METHOD --help shows the method's settings, defaults and what it writes.")
+    parser = _OneLineErrorParser(prog=PROG, description=overview, formatter_class=_formatter,
+                                 usage=f"{PROG} METHOD [--config FILE] [--resume latest|PATH] [--FIELD VALUE ...]")
+    methods = parser.add_subparsers(dest="method", required=True, metavar="METHOD", title="methods")
+    for method, entry in TRAINING_METHODS.items():
+        _add_method_parser(methods, method, entry)
     return parser
 
 
+def values_given(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``TrainingConfig`` fields given as flags, parsed (a list flag's words joined with commas first, so that
+    ``--lora-target-modules to_q to_v``, ``to_q,to_v`` and ``none`` all work)."""
+    values = {name: getattr(args, name) for name in TrainingConfig.field_names() if hasattr(args, name)}
+    return {name: coerce_field(name, ",".join(value) if isinstance(value, list) else value)
+            for name, value in values.items()}
+
+
+def method_config(method: str, **values: Any) -> TrainingConfig:
+    """The config of a fresh run of ``method``: ``TrainingConfig``'s defaults, then the method's, then ``values``; a
+    ``ValueError`` when a value contradicts what the method needs."""
+    entry = TRAINING_METHODS[method]
+    for name, needed in entry.fixed.items():
+        if name in values and coerce_field(name, values[name]) != needed:
+            raise ValueError(f"{method} needs {name} = {shown_value(needed)}, got "
+                             f"{shown_value(coerce_field(name, values[name]))}")
+    merged = {**entry.defaults, **entry.fixed, **values}
+    if entry.needs_adapter and coerce_field("lora_rank", merged.get("lora_rank")) is None:
+        raise ValueError(f"{method} trains a LoRA adapter: lora_rank must be set (its default is "
+                         f"{entry.defaults.get('lora_rank')})")
+    return TrainingConfig.from_dict(merged)
+
+
+def _check_new_output_dir(output_dir: Path) -> None:
+    """A fresh run must not write over another run's record, checkpoints or weights."""
+    found = sorted(p.name for p in [output_dir / RUN_CONFIG_NAME, output_dir / FINAL_FOLDER,
+                                    *output_dir.glob(f"{CHECKPOINT_PREFIX}*")] if p.exists())
+    if found:
+        raise ValueError(f"{output_dir} already holds a run ({', '.join(found)}): continue it with --resume latest, "
+                         "or start this one in another --output-dir")
+
+
+def _recorded_method(run_folder: Path) -> str | None:
+    """The method named in the first line of the run's ``config.yaml``, if the command wrote one there."""
+    path = run_folder / RUN_CONFIG_NAME
+    if not path.is_file():
+        return None
+    first_line, prefix = path.read_text(encoding="utf-8").partition("\n")[0], f"# {PROG} "
+    return first_line[len(prefix):].partition(":")[0] if first_line.startswith(prefix) else None
+
+
+def resumed_config(method: str, given: Mapping[str, Any]) -> TrainingConfig:
+    """The config of a run that continues from ``given["resume_from"]``: the checkpoint's record of its run, with
+    the settings a resumed run may change (``CHANGEABLE_ON_RESUME``) taken from ``given``; a ``ValueError`` for no
+    checkpoint, another method's, a given value that contradicts the record, or a run already at ``max_steps``."""
+    output_dir = given.get("output_dir", TrainingConfig.output_dir)
+    folder = checkpoint_folder(given["resume_from"], output_dir)
+    record = CheckpointRecord.read(folder)
+    if record is None:
+        raise ValueError(f"{folder} holds no record of its run ({CHECKPOINT_RECORD}): it was not written by "
+                         "diffusers-ext's Trainer")
+    recorded_method = _recorded_method(folder.parent)
+    if recorded_method is not None and recorded_method != method:
+        raise ValueError(f"{folder} is a checkpoint of a {recorded_method} run, not {method}")
+    contradictions = resume_contradictions(record.config, given)
+    if contradictions:
+        raise ValueError(f"{'; '.join(contradictions)}: a resumed run keeps its checkpoint's settings (leave these "
+                         "out, or start a new run in another --output-dir)")
+    changed = {name: value for name, value in given.items() if name in CHANGEABLE_ON_RESUME}
+    config = TrainingConfig.from_dict({**dataclasses.asdict(record.config), **changed,
+                                       "output_dir": str(given.get("output_dir", folder.parent)),
+                                       "resume_from": str(folder)})
+    if record.step >= config.max_steps:
+        raise ValueError(f"{folder} is at step {record.step} and max_steps is {config.max_steps}: pass a larger "
+                         "--max-steps to train on")
+    return config
+
+
+def run_config(args: argparse.Namespace) -> TrainingConfig:
+    """The run's config from its parsed arguments (see the module docstring), read and checked without importing
+    torch; a ``ValueError`` for a bad config file or value, or a run that cannot start or resume."""
+    given = {**(read_config_file(args.config) if args.config is not None else {}), **values_given(args)}
+    if given.get("resume_from") is not None:
+        return resumed_config(args.method, given)
+    config = method_config(args.method, **given)
+    _check_new_output_dir(Path(config.output_dir))
+    return config
+
+
 def parse_arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, TrainingConfig]:
-    """The parsed arguments and the run's config: defaults, then ``--config``'s fields, then the flags. An unknown
-    method or a bad config is a ``ValueError``."""
+    """The parsed arguments and ``run_config``: a bad flag exits (argparse), the rest is a ``ValueError``."""
     args = build_parser().parse_args(argv)
-    if args.method not in TRAINING_METHODS:
-        raise ValueError(f"unknown training method {args.method!r}; registered methods: {', '.join(TRAINING_METHODS)}")
-    overrides = {name: getattr(args, name) for name in TrainingConfig.field_names() if hasattr(args, name)}
-    if args.config is None:
-        return args, TrainingConfig.from_dict(overrides)
-    return args, TrainingConfig.from_yaml(args.config, overrides)
+    return args, run_config(args)
 
 
-def save_trained_model(result: TrainingResult, method_name: str, config: TrainingConfig, folder: Path) -> Path:
-    """The trained weights (their EMA if the run kept one) in the format that loads them: a diffusers adapter on a
-    ``UNet2DConditionModel`` as Stable Diffusion's ``pytorch_lora_weights.safetensors`` with a card
-    (``pipe.load_lora_weights(folder)``), on another diffusers model in that model's LoRA format
-    (``model.load_lora_adapter(folder, prefix=None, use_safetensors=True)``), anything else (for a PEFT model: the
-    adapter) with ``save_pretrained``."""
+def trained_model(result: Any) -> Any:
+    """The trained model with its EMA weights loaded, if the run kept an EMA."""
+    if result.ema_weights is not None:
+        result.model.load_state_dict(result.ema_weights, strict=False)
+    return result.model
+
+
+def save_trained_model(model: Any, folder: str | Path, *, method_name: str, config: TrainingConfig,
+                       dataset: Any = None) -> Path:
+    """The trained weights in the format that loads them: a diffusers adapter on a ``UNet2DConditionModel`` as Stable
+    Diffusion's ``pytorch_lora_weights.safetensors`` with a card (``pipe.load_lora_weights(folder)``), on another
+    diffusers model in that model's LoRA format (``model.load_lora_adapter(folder, prefix=None,
+    use_safetensors=True)``), anything else (for a PEFT model: the adapter) with ``save_pretrained``."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders import PeftAdapterMixin
 
     from .lora import save_lora_weights
 
-    model = result.model
-    if result.ema_weights is not None:
-        model.load_state_dict(result.ema_weights, strict=False)
+    folder = Path(folder)
     has_diffusers_adapter = isinstance(model, PeftAdapterMixin) and bool(getattr(model, "peft_config", None))
     if has_diffusers_adapter and isinstance(model, UNet2DConditionModel):
         return save_lora_weights(model, folder, method_name=method_name, config=config)
@@ -161,17 +398,26 @@ def save_trained_model(result: TrainingResult, method_name: str, config: Trainin
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        args, config = parse_arguments(argv)
+        config = run_config(args)
     except ValueError as error:
-        build_parser().error(str(error))
-    method, model, dataset = TRAINING_METHODS[args.method](config, args)
+        parser.exit(2, f"{PROG} {args.method}: error: {error}\n")
+    from .trainer import Trainer
+
+    entry = TRAINING_METHODS[args.method]
+    method, model, dataset = entry.build(config, args)
     trainer = Trainer(method, model, dataset, config)
-    if trainer.accelerator.is_main_process:
-        config.to_yaml(Path(config.output_dir) / "config.yaml")
+    if trainer.accelerator.is_main_process:  # the run starts: its record may be written
+        settings = dataclasses.replace(config, resume_from=None)
+        settings.to_yaml(Path(config.output_dir) / RUN_CONFIG_NAME,
+                         comment=RUN_CONFIG_COMMENT.format(method=args.method))
     result = trainer.train()
     if trainer.accelerator.is_main_process:
-        folder = save_trained_model(result, method.name, config, Path(config.output_dir) / FINAL_FOLDER)
+        save = entry.save or save_trained_model
+        folder = save(trained_model(result), Path(config.output_dir) / FINAL_FOLDER, method_name=method.name,
+                      config=config, dataset=dataset)
         last_loss = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
         print(f"trained {method.name} to step {result.step}{last_loss}; weights in {folder}")
     return 0

@@ -45,6 +45,10 @@ from ..diffusion_math import (
     vp_alphas_cumprod,
     x0_and_eps_from_prediction,
 )
+
+# The reference script's LoRA targets (``diffusers-ext train lcm-lora``'s default ``lora_target_modules``; the
+# TrainingConfig default wraps the attention alone).
+from .config import LCM_LORA_TARGET_MODULES as LCM_LORA_TARGET_MODULES
 from .lora import adapters_disabled, lora_base_model, sample_images
 from .trainer import process_state
 
@@ -52,11 +56,6 @@ if TYPE_CHECKING:
     from PIL import Image
 
 LOSS_TYPES = ("l2", "huber")
-# The reference script's LoRA targets: attention, feed-forward, ResNet convolutions, resamplers and the time-embedding
-# projections (pass them as ``TrainingConfig.lora_target_modules``; its default wraps the attention alone).
-LCM_LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                           "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
-                           "time_emb_proj"]
 # LCMScheduler supports these three parameterisations, so a student trained on any other could not be sampled.
 LCM_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TEACHER_USE = ("the lcm-lora method distils into a LoRA adapter of a diffusers model and uses the model without it as "
@@ -273,8 +272,9 @@ def teacher_samples(unet: torch.nn.Module, scheduler_config: Mapping[str, Any], 
 def toy_run(config: Any, args: Any = None) -> tuple[LCMLoRADistillation, torch.nn.Module, list[dict]]:
     """``diffusers-ext train lcm-lora``: LCM-LoRA on a tiny randomly initialised Stable Diffusion UNet (8x8 latents,
     SD 1.5's noise schedule; saved to ``output_dir/base_unet``, without which the adapter is useless), distilled on
-    256 of its own 50-step samples at guidance scale 2 (a random teacher models no other data). Needs
-    ``--lora_rank``; the reference script wraps ``LCM_LORA_TARGET_MODULES``."""
+    256 of its own 50-step samples at guidance scale 2 (a random teacher models no other data). It needs
+    ``lora_rank``: the command's defaults (``training.cli.TRAINING_METHODS``) are rank 8 on the reference script's
+    ``LCM_LORA_TARGET_MODULES``."""
     from pathlib import Path
 
     from diffusers import DDIMScheduler, UNet2DConditionModel

@@ -23,7 +23,7 @@ from huggingface_hub import ModelCard
 from peft.utils import get_peft_model_state_dict
 
 from ..hub import render_model_card, upload_to_hub
-from .trainer import TrainingConfig
+from .config import TrainingConfig
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 CARD_TEMPLATE = "trainer"
@@ -128,6 +128,13 @@ def save_lora_weights(model: torch.nn.Module, folder: str | os.PathLike, *,
 
     Returns:
         The folder; ``pipeline_class.from_pretrained(base_model).load_lora_weights(folder)`` loads it.
+
+    The ``Trainer`` adds its adapter to the model it is given, under PEFT's name ``"default"``: a pipeline whose
+    denoiser was trained (``Trainer(method, pipe.unet, ...)``) samples with the adapter already. Loading the file
+    into that pipeline again (diffusers 0.42) adds a copy under a new name (``"default_1"``; PEFT warns of "multiple
+    adapters") and makes the copy the only active adapter, so nothing is applied twice, but the weights are held
+    twice. To replace the trained adapter there with the saved one, ``pipe.delete_adapters("default")`` first, then
+    ``pipe.load_lora_weights(folder, adapter_name="default")``.
     """
     adapter = _adapter_config(model, adapter_name)
     denoiser = pipeline_class._lora_loadable_modules[0]

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from ..schedulers.scheduling_masked_diffusion import MaskedDiffusionScheduler, elbo_weight
+from .trainer import process_state
+
+TOY_SEQUENCE_LENGTH = 32
 
 
 class MaskedDiffusionLMObjective:
@@ -49,3 +55,23 @@ class MaskedDiffusionLMObjective:
         negative log-likelihood (``exp`` of it bounds the perplexity)."""
         generator = torch.Generator().manual_seed(seed)
         return float(torch.stack([self.loss(model, tokens, generator) for _ in range(num_samples)]).mean())
+
+
+def toy_run(config: Any, args: Any = None) -> tuple[MaskedDiffusionLMObjective, torch.nn.Module, Any]:
+    """``diffusers-ext train masked-diffusion-lm``: MDLM / RADD on Python's documentation: a 400-token BPE tokenizer
+    (saved to ``output_dir/tokenizer``, without which the model is useless) and a 2-layer BERT, on 32-token
+    chunks."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from .text_data import pydoc_paragraphs, token_chunks, train_tokenizer
+
+    paragraphs = pydoc_paragraphs()
+    tokenizer = train_tokenizer(paragraphs[:400], vocab_size=400)
+    if process_state().is_main_process:
+        tokenizer.save_pretrained(Path(config.output_dir) / "tokenizer")
+    torch.manual_seed(config.seed)
+    model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, intermediate_size=128,
+                                       max_position_embeddings=TOY_SEQUENCE_LENGTH))
+    method = MaskedDiffusionLMObjective(MaskedDiffusionScheduler(mask_token_id=tokenizer.mask_token_id))
+    return method, model.train(), token_chunks(tokenizer, paragraphs, TOY_SEQUENCE_LENGTH)

@@ -3,10 +3,14 @@ driven by the method's scheduler (its forward process, training-time law and tar
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..pipelines.restoration.pipeline_restoration import encode_to_latents
 from ..schedulers.restoration import RestorationScheduler
+
+TOY_PATCH_SIZE = 32
 
 
 class PairedRestorationObjective:
@@ -38,3 +42,23 @@ class PairedRestorationObjective:
             return images
         self.vae.to(images.device)
         return encode_to_latents(self.vae, images).to(images.dtype)
+
+
+def toy_run(config: Any, args: Any = None) -> tuple[PairedRestorationObjective, torch.nn.Module, Any]:
+    """``diffusers-ext train restoration``: ResShift denoising (Gaussian noise, std 0.1) on 512 patches of 32 px from
+    scikit-image's training photos, with a small ``UNet2DModel`` (one attention level, so that LoRA has attention
+    projections to wrap)."""
+    from diffusers import UNet2DModel
+
+    from ..schedulers import ResShiftScheduler
+    from .restoration_data import DegradedPatchDataset, make_degradation, random_patches, scikit_image_photos
+
+    patches = random_patches(scikit_image_photos("train"), TOY_PATCH_SIZE, count=512, seed=config.seed)
+    dataset = DegradedPatchDataset(patches, make_degradation("gaussian_noise", std=0.1, clip=True), seed=config.seed)
+    torch.manual_seed(config.seed)
+    unet = UNet2DModel(sample_size=TOY_PATCH_SIZE, in_channels=6, out_channels=3, block_out_channels=(16, 32),
+                       layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    method = PairedRestorationObjective(ResShiftScheduler(num_train_timesteps=4, kappa=0.5))
+    return method, unet.train(), dataset

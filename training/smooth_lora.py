@@ -319,7 +319,8 @@ def toy_unet(seed: int = 0) -> Any:
 def toy_run(config: Any, args: Any = None) -> tuple[SmoothLoRAObjective, torch.nn.Module, Dataset]:
     """``diffusers-ext train smooth-lora``: the Smooth Diffusion loss (``lambda = 1``, ``beta = 0.01``, Stable
     Diffusion's noise schedule) on ``toy_unet(config.seed)`` over 512 ``PrototypeLatents`` items (2 prompts x 2
-    prototypes). There is no pretrained model offline, so with ``lora_rank`` unset it trains the whole toy UNet."""
+    prototypes). The command trains a LoRA of the official rank 8 by default (``training.cli.TRAINING_METHODS``);
+    with ``lora_rank`` unset it trains the whole toy UNet."""
     from diffusers import DDPMScheduler
 
     dataset = PrototypeLatents(512, TOY_LATENT_SHAPE, TOY_TEXT_SHAPE, seed=config.seed)

@@ -55,10 +55,9 @@ from accelerate.utils import extract_model_from_parallel
 from torch.utils.data import Dataset
 
 from ..diffusion_math import noise_path_from_scheduler_config
+from .config import SPM_TARGET_MODULES as SPM_TARGET_MODULES
 from .lora import LORA_WEIGHTS_NAME, adapters_disabled, lora_base_model, save_lora_weights, unet_swapped
 
-# Every Linear / Conv2d inside a Transformer2DModel (the official SPMNetwork's targets), as PEFT name suffixes.
-SPM_TARGET_MODULES = ["proj_in", "proj_out", "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 SPM_METADATA_NAME = "spm.json"
 HUB_REPO_ID_PATTERN = r"[\w.-]+/[\w.-]+"  # owner/name, as the Hub spells repository ids
 # The arguments SPMTransport sets itself: the transport needs the prompt's text.
@@ -416,19 +415,26 @@ TOY_ANCHOR_STRENGTH = 1.0
 
 
 def toy_run(config: Any, args: Any = None) -> tuple[SPMObjective, torch.nn.Module, SPMConceptData]:
-    """``diffusers-ext train spm``: erase ``"a cat"`` (surrogate ``""``) from ``smooth_lora.toy_unet(config.seed)``
-    with the tiny config-built CLIP (``diffusers_ext.testing``), ``TOY_ANCHOR_STRENGTH``, ``S = 10`` DDIM steps of
-    the official sampler (``SPM_DDIM``) for ``x_t``. ``lora_rank`` and ``lora_target_modules`` left unset become 1
-    and ``SPM_TARGET_MODULES``."""
+    """``diffusers-ext train spm``: erase ``"a cat"`` (surrogate ``""``) from the UNet of ``ddpo.toy_pipeline`` (a
+    random tiny Stable Diffusion pipeline with the config-built CLIP, saved to ``output_dir/base_pipeline``, the
+    pipeline ``load_spm`` loads the membrane into) with ``TOY_ANCHOR_STRENGTH`` and ``S = 10`` DDIM steps of the
+    official sampler (``SPM_DDIM``) for ``x_t``. ``config`` must train a membrane: ``lora_rank=1``, as the command's
+    defaults (``training.cli.TRAINING_METHODS``) have it, with ``lora_target_modules=SPM_TARGET_MODULES``."""
     from diffusers import DDIMScheduler
 
-    from ..testing import tiny_clip_text_encoder, tiny_clip_tokenizer
-    from .smooth_lora import toy_unet
+    from .ddpo import toy_pipeline
+    from .trainer import process_state
 
-    if config.lora_rank is None:
-        config.lora_rank = 1
-    if config.lora_target_modules is None:
-        config.lora_target_modules = list(SPM_TARGET_MODULES)
-    dataset = SPMConceptData(tiny_clip_tokenizer(), tiny_clip_text_encoder(), "a cat")
+    pipe = toy_pipeline(DDIMScheduler(**SPM_DDIM), config.seed)
+    if process_state().is_main_process:
+        pipe.save_pretrained(Path(config.output_dir) / "base_pipeline")
+    dataset = SPMConceptData(pipe.tokenizer, pipe.text_encoder, "a cat")
     method = SPMObjective(DDIMScheduler(**SPM_DDIM), denoising_steps=10, anchor_strength=TOY_ANCHOR_STRENGTH)
-    return method, toy_unet(config.seed).train(), dataset
+    return method, pipe.unet.train(), dataset
+
+
+def save_toy_run(model: torch.nn.Module, folder: str | os.PathLike, *, method_name: str, config: Any,
+                 dataset: SPMConceptData) -> Path:
+    """What ``diffusers-ext train spm`` writes into ``output_dir/final``: ``save_spm`` of the membrane, erasing
+    the data set's concept, for ``load_spm(pipe, [folder])``."""
+    return save_spm(model, folder, concept=dataset.concept, config=config)

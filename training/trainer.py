@@ -9,24 +9,17 @@ moving average of the trained weights.
 from __future__ import annotations
 
 import json
-import os
-import re
-import types
-import typing
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-import yaml
 from accelerate import Accelerator, PartialState
-from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 from accelerate.utils import (
     DataLoaderConfiguration,
     GradientAccumulationPlugin,
-    LoggerType,
     ProjectConfiguration,
     gather_object,
     parse_flag_from_env,
@@ -36,199 +29,17 @@ from accelerate.utils import (
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-CHECKPOINT_PREFIX = "checkpoint-"
+from .config import (
+    CHECKPOINT_PREFIX,
+    DIFFUSERS_LORA_TARGETS,
+    TRANSFORMERS_LORA_TARGETS,
+    CheckpointRecord,
+    TrainingConfig,
+    checkpoint_folder,
+    resume_contradictions,
+)
+
 VALIDATION_FOLDER = "validation"
-MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
-# diffusers' text-to-image LoRA recipe: the attention projections of every transformer block.
-DIFFUSERS_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-# BERT-style attention projections, the targets for transformers models (the masked-diffusion LM's).
-TRANSFORMERS_LORA_TARGETS = ["query", "key", "value"]
-_TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
-_NONE_WORDS = ("none", "null", "~", "")
-
-
-@dataclass
-class TrainingConfig:
-    """What a run does; every method shares these fields. Build it in Python, from a YAML file of these fields
-    (``from_yaml``), or from ``diffusers-ext train``'s flags. Strings are parsed into the field's type (``"1e-4"``,
-    ``"true"``, ``"none"``, ``"to_q,to_v"``), so YAML's unquoted ``1e-4`` (a string to YAML 1.1) works.
-
-    Attributes:
-        output_dir: checkpoints go to ``output_dir/checkpoint-<step>``, validation outputs to
-            ``output_dir/validation/step-<step>``, tracker logs to ``output_dir/logs``.
-        max_steps: optimizer steps.
-        batch_size: per process, per accumulation micro-step.
-        learning_rate, weight_decay: AdamW's.
-        gradient_accumulation_steps: micro-batches per optimizer step.
-        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` (accelerate's). Under ``"fp16"`` the trained weights are
-            kept in float32 (diffusers' ``cast_training_params``), the frozen ones as given.
-        checkpoint_every: save the full state (model, optimizer, EMA, RNG, step) every this many steps; 0 never.
-        resume_from: a checkpoint folder, or ``"latest"`` (the newest in ``output_dir``), or ``None``.
-        lora_rank: train a PEFT LoRA adapter of this rank instead of every weight; ``None`` for full fine-tuning.
-        lora_alpha: the adapter's scale numerator (its output is scaled by ``lora_alpha / lora_rank``); ``None``
-            means ``lora_rank``.
-        lora_target_modules: module names LoRA wraps (PEFT's ``target_modules``); ``None`` means
-            ``["to_k", "to_q", "to_v", "to_out.0"]`` on diffusers models, ``["query", "key", "value"]`` on others.
-        seed: seeds data order, noise and initialisation of adapters.
-        gradient_checkpointing: recompute activations in the backward pass (``enable_gradient_checkpointing``).
-        max_grad_norm: clip the gradient's global norm to this before each optimizer step; ``None`` never.
-        ema_decay: keep an exponential moving average of the trained weights (diffusers' ``EMAModel``: the first
-            update copies the weights, update ``k >= 2`` uses the decay ``min(ema_decay, k / (k + 9))``); ``None``
-            for none. Checkpoints save and restore it; validation runs on it; ``TrainingResult.ema_weights`` holds it.
-        validation_every: every this many steps, call the method's ``validate(model, step, folder)`` on the main
-            process; 0 never.
-        log_with: an accelerate tracker name (``"tensorboard"``, ``"wandb"``, ...) to log the loss and validation
-            to; ``None`` for none.
-        project_name: the tracker's project (run) name.
-    """
-
-    output_dir: str = "training_output"
-    max_steps: int = 1000
-    batch_size: int = 16
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"
-    checkpoint_every: int = 0
-    resume_from: str | None = None
-    lora_rank: int | None = None
-    lora_alpha: int | None = None
-    lora_target_modules: list[str] | None = None
-    seed: int = 0
-    gradient_checkpointing: bool = False
-    max_grad_norm: float | None = None
-    ema_decay: float | None = None
-    validation_every: int = 0
-    log_with: str | None = None
-    project_name: str = "diffusers-ext"
-
-    def __post_init__(self):
-        for name, annotation in typing.get_type_hints(type(self)).items():
-            setattr(self, name, _coerce(name, getattr(self, name), annotation))
-        for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("checkpoint_every", "validation_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0: never), got {getattr(self, name)}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
-        if self.mixed_precision not in MIXED_PRECISION_CHOICES:
-            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION_CHOICES}, got {self.mixed_precision!r}")
-        for name in ("lora_rank", "lora_alpha"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer (or None), got {getattr(self, name)!r}")
-        if self.lora_rank is None and (self.lora_alpha is not None or self.lora_target_modules is not None):
-            raise ValueError("lora_alpha and lora_target_modules need lora_rank (None: full fine-tuning, no adapter)")
-        if self.lora_target_modules is not None and not self.lora_target_modules:
-            raise ValueError("lora_target_modules must name at least one module (or be None for the default)")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be positive (or None: no clipping), got {self.max_grad_norm!r}")
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise ValueError(f"ema_decay must lie in (0, 1) (or be None: no EMA), got {self.ema_decay!r}")
-        if not self.project_name:
-            raise ValueError("project_name must not be empty")
-        if self.log_with is not None:
-            _check_tracker(self.log_with)
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> TrainingConfig:
-        """A config from field values (strings are parsed); unknown names are a ``ValueError`` naming them."""
-        cls._check_names(values, "the values")
-        return cls(**values)
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> TrainingConfig:
-        """The fields in the YAML file at ``path``, then ``overrides`` on top (both checked and parsed the same
-        way); fields in neither keep their defaults."""
-        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path} must hold a mapping of TrainingConfig fields, got a {type(values).__name__}")
-        cls._check_names(values, str(path))
-        cls._check_names(overrides or {}, "the overrides")
-        return cls(**{**values, **(overrides or {})})
-
-    @classmethod
-    def _check_names(cls, values: Mapping[str, Any], source: str) -> None:
-        unknown = sorted(set(values) - set(cls.field_names()))
-        if unknown:
-            raise ValueError(f"unknown TrainingConfig field(s) in {source}: {unknown}; valid fields: "
-                             f"{cls.field_names()}")
-
-    def to_yaml(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(asdict(self), sort_keys=False), encoding="utf-8")
-        return path
-
-
-def _describe(annotation: Any) -> str:
-    if _optional_inner(annotation) is not None:
-        return f"{_describe(_optional_inner(annotation))} or None"
-    if typing.get_origin(annotation) is list:
-        return "a list of strings"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[annotation]
-
-
-def _optional_inner(annotation: Any) -> Any | None:
-    """``X`` for ``X | None``, else ``None``."""
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation):
-        (inner,) = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return inner
-    return None
-
-
-def _coerce(name: str, value: Any, field_type: Any) -> Any:
-    """``value`` as a TrainingConfig field of type ``field_type``: checked, and parsed when it is a string."""
-    annotation = field_type
-    inner = _optional_inner(annotation)
-    if inner is not None:
-        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS):
-            return None
-        annotation = inner
-    text = value.strip() if isinstance(value, str) else None
-    try:
-        if typing.get_origin(annotation) is list:
-            items = [item.strip() for item in text.split(",") if item.strip()] if text is not None else value
-            if isinstance(items, list | tuple) and all(isinstance(item, str) for item in items):
-                return list(items)
-        elif annotation is bool:
-            if isinstance(value, bool):
-                return value
-            if text is not None and text.lower() in _TRUE_WORDS + _FALSE_WORDS:
-                return text.lower() in _TRUE_WORDS
-        elif annotation is int:
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-            if text is not None:
-                return int(text)
-        elif annotation is float:
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                return float(value)
-            if text is not None:
-                return float(text)
-        elif annotation is str and isinstance(value, str | os.PathLike):
-            return os.fspath(value)
-    except ValueError:
-        pass
-    raise ValueError(f"{name} must be {_describe(field_type)}, got {value!r}")
-
-
-def coerce_field(name: str, value: Any) -> Any:
-    """``value`` parsed and checked as ``TrainingConfig.<name>`` (a ``ValueError`` if it is not one)."""
-    return _coerce(name, value, typing.get_type_hints(TrainingConfig)[name])
-
-
-def _check_tracker(name: str) -> None:
-    if name not in LOGGER_TYPE_TO_CLASS:
-        raise ValueError(f"log_with={name!r} is not an accelerate tracker; known: {sorted(LOGGER_TYPE_TO_CLASS)}")
-    # accelerate silently drops a built-in tracker whose package is missing; a run asked to log must not.
-    if name in {t.value for t in LoggerType} and LoggerType(name) not in get_available_trackers():
-        raise ValueError(f"log_with={name!r} needs its package, which is not installed (pip install {name})")
 
 
 class TrainingMethod(Protocol):
@@ -265,12 +76,6 @@ def process_state() -> PartialState:
     ``ACCELERATE_USE_CPU``, so asking it before the Trainer exists would pin an ``accelerate launch`` on CPUs to one
     process per worker."""
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    steps = {int(p.name[len(CHECKPOINT_PREFIX):]): p for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*")
-             if re.fullmatch(r"\d+", p.name[len(CHECKPOINT_PREFIX):])}
-    return steps[max(steps)] if steps else None
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
@@ -399,25 +204,34 @@ class Trainer:
             self.method.load_state_dict(state["method_state"])
 
     def _resume(self) -> None:
-        target = self.config.resume_from
-        if target is None:
+        if self.config.resume_from is None:
             return
-        folder = latest_checkpoint(self.config.output_dir) if target == "latest" else Path(target)
-        if folder is None or not folder.is_dir():
-            raise ValueError(f"no checkpoint to resume from at {target!r} (output_dir={self.config.output_dir!r})")
+        folder = checkpoint_folder(self.config.resume_from, self.config.output_dir)
         # accelerate names registered objects' files by registration order: the trainer's 0, the EMA's 1.
         holds_ema = (folder / "custom_checkpoint_1.pkl").is_file()
         if holds_ema != (self.ema is not None):
             written = "with" if holds_ema else "without"
             raise ValueError(f"the checkpoint {folder} was written {written} an EMA; resume it with ema_decay "
                              f"{'set' if holds_ema else 'None'}")
+        record = CheckpointRecord.read(folder)
+        if record is not None:  # checked here, before accelerate meets mismatched state
+            if record.method != self.method.name:
+                raise ValueError(f"the checkpoint {folder} was written by method {record.method!r}, not "
+                                 f"{self.method.name!r}")
+            contradictions = resume_contradictions(record.config, asdict(self.config))
+            if contradictions:
+                raise ValueError(f"cannot resume {folder} with other settings than its run's: "
+                                 f"{'; '.join(contradictions)}")
         self.accelerator.load_state(str(folder))
         if self.ema is not None:
             self.ema.to(self.accelerator.device)  # accelerate loads custom state onto the CPU
 
     def save_checkpoint(self) -> Path:
+        """The full state in ``output_dir/checkpoint-<step>``, with a ``CheckpointRecord`` of the run."""
         folder = Path(self.config.output_dir) / f"{CHECKPOINT_PREFIX}{self.step}"
         self.accelerator.save_state(str(folder))
+        if self.accelerator.is_main_process:
+            CheckpointRecord(self.method.name, self.step, self.config).write(folder)
         return folder
 
     def train(self) -> TrainingResult:
@@ -466,7 +280,8 @@ class Trainer:
             # Validation comes before the checkpoint so that the checkpoint's RNG state is the one that follows.
             if config.validation_every and self.step % config.validation_every == 0:
                 self.validate()
-            if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+            # The last step too: a run that ends is one that may be continued with a larger max_steps.
+            if config.checkpoint_every and (self.step % config.checkpoint_every == 0 or self.step == config.max_steps):
                 self.save_checkpoint()
         batches.close()
         progress.close()
