@@ -82,6 +82,7 @@ def test_each_method_has_its_own_help_printed_without_heavy_imports_or_warnings(
     (["restoration", "--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),
     (["lcm-lora", "--lora-rank", "none"], "lcm-lora trains a LoRA adapter: lora_rank must be set"),
     (["spm", "--lora-rank", "4"], "spm needs lora_rank = 1, got 4"),
+    (["restoration", "--validation-every", "10"], "restoration needs validation_every = 0, got 10"),
     (["restoration", "--output-dir", "{tmp}/run", "--resume", "latest"], "no checkpoint to resume in {tmp}/run"),
 ])
 def test_user_errors_are_one_line_with_exit_code_2_before_anything_heavy_loads(arguments, message, tmp_path):

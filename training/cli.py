@@ -86,6 +86,9 @@ class TrainingMethodEntry:
     save: Callable[..., Any] | None = None
 
 
+# The toy runs that build their method without validation inputs: their validate() would raise at the first
+# validation step, after that many steps of training.
+WITHOUT_VALIDATION = {"validation_every": 0}
 DENOISER_WRITES = ("with lora_rank: the adapter, pytorch_lora_weights.safetensors (pipe.load_lora_weights(folder)); "
                    "without: the whole UNet (UNet2DConditionModel.from_pretrained(folder))")
 
@@ -108,7 +111,8 @@ TRAINING_METHODS: dict[str, TrainingMethodEntry] = {
                     "(training.smooth_lora.toy_unet(seed)), 4 shots and 8 source latents with random prompt "
                     "embeddings. Without lora_rank (the paper's setting) the source model is a frozen copy of the "
                     "initial UNet, with it the UNet with its adapter turned off.",
-        writes={"final/": f"{DENOISER_WRITES}, for training.smooth_lora.toy_unet(seed)"}),
+        writes={"final/": f"{DENOISER_WRITES}, for training.smooth_lora.toy_unet(seed)"},
+        fixed=WITHOUT_VALIDATION),
     "lcm-lora": TrainingMethodEntry(
         build=toy_function("lcm_lora"),
         summary="LCM-LoRA: few-step sampling distilled into a LoRA adapter (sampled with LCMScheduler)",
@@ -121,6 +125,7 @@ TRAINING_METHODS: dict[str, TrainingMethodEntry] = {
                           "its UNet and sample with LCMScheduler at guidance_scale=1 in 1-8 steps "
                           "(diffusers_ext.training.lcm_lora_pipeline)"},
         defaults={"lora_rank": 8, "lora_target_modules": LCM_LORA_TARGET_MODULES},
+        fixed=WITHOUT_VALIDATION,
         needs_adapter=True),
     "masked-diffusion-lm": TrainingMethodEntry(
         build=toy_function("masked_diffusion_lm"),
@@ -130,7 +135,8 @@ TRAINING_METHODS: dict[str, TrainingMethodEntry] = {
                     "trained on Python's documentation and a 2-layer BERT on 32-token chunks of it.",
         writes={"tokenizer/": "the tokenizer the run trained (PreTrainedTokenizerFast.from_pretrained)",
                 "final/": "without lora_rank: the model (BertForMaskedLM.from_pretrained(folder)); with it: the PEFT "
-                          "adapter (PeftModel.from_pretrained); for MaskedDiffusionLMPipeline"}),
+                          "adapter (PeftModel.from_pretrained); for MaskedDiffusionLMPipeline"},
+        fixed=WITHOUT_VALIDATION),
     "restoration": TrainingMethodEntry(
         build=toy_function("paired_restoration"),
         summary="ResShift image restoration on paired data (toy: denoising photo patches)",
@@ -140,7 +146,8 @@ TRAINING_METHODS: dict[str, TrainingMethodEntry] = {
                     "UNet2DModel.",
         writes={"final/": "without lora_rank: the UNet2DModel (from_pretrained(folder)); with it: the PEFT adapter "
                           "(PeftModel.from_pretrained); sample with ResShiftPipeline and "
-                          "ResShiftScheduler(num_train_timesteps=4, kappa=0.5)"}),
+                          "ResShiftScheduler(num_train_timesteps=4, kappa=0.5)"},
+        fixed=WITHOUT_VALIDATION),
     "rlcm": TrainingMethodEntry(
         build=toy_function("rlcm"),
         summary="RLCM: PPO over a latent consistency model's multistep sampler (toy: JPEG compressibility)",
@@ -157,7 +164,8 @@ TRAINING_METHODS: dict[str, TrainingMethodEntry] = {
                     "tiny UNet (training.smooth_lora.toy_unet(seed)) over 512 latents of 2 prompts x 2 prototypes. "
                     "A LoRA of the official rank 8 by default; --lora-rank none trains the whole UNet.",
         writes={"final/": f"{DENOISER_WRITES}, for training.smooth_lora.toy_unet(seed)"},
-        defaults={"lora_rank": 8}),
+        defaults={"lora_rank": 8},
+        fixed=WITHOUT_VALIDATION),
     "spm": TrainingMethodEntry(
         build=toy_function("spm"),
         save=toy_function("spm", "save_toy_run"),
@@ -172,7 +180,7 @@ TRAINING_METHODS: dict[str, TrainingMethodEntry] = {
                           "transport = diffusers_ext.training.load_spm(pipe, [\"<output_dir>/final\"]), then "
                           "transport(prompt, ...) generates; any UNet of that architecture takes it"},
         defaults={"lora_target_modules": SPM_TARGET_MODULES},
-        fixed={"lora_rank": 1}),
+        fixed={"lora_rank": 1, **WITHOUT_VALIDATION}),
 }
 
 COMMON_WRITES = {
