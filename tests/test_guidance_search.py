@@ -60,6 +60,10 @@ def ddim():
     return oracle_pipeline(DDIMScheduler(clip_sample=False, timestep_spacing="trailing"))
 
 
+def ddpm():
+    return oracle_pipeline(DDPMScheduler(clip_sample=False))
+
+
 def flow():
     return oracle_pipeline(FlowMatchEulerDiscreteScheduler(shift=3.0))
 
@@ -98,7 +102,7 @@ def test_zero_order_and_path_search_improve_with_the_budget():
     """Zero-order search on DDIM (lambda = 0.5, 4 neighbours per round) and search over paths on DDPM (the stochastic
     step branches the copies; N = min(2, budget) paths, scored every 5 of 50 steps)."""
     elements, steps, table = 256, 50, {}
-    deterministic, stochastic = ddim(), oracle_pipeline(DDPMScheduler(clip_sample=False))
+    deterministic, stochastic = ddim(), ddpm()
     for budget in (1, 2, 4, 8, 16):
         zero_order = search(deterministic, elements, steps, seed=budget, mode="zero_order", budget=budget)
         paths = search(stochastic, elements * budget, steps, seed=budget, mode="paths", budget=budget,
@@ -292,10 +296,10 @@ def test_bad_rewards_give_clear_errors():
         "non-finite": lambda x: torch.full((x.shape[0],), float("nan")),
     }
     for message, reward in bad_rewards.items():
-        for config in (dict(mode="random"), dict(mode="paths", budget=2)):
+        for config, make_pipe in ((dict(mode="random"), ddim), (dict(mode="paths", budget=2), ddpm)):
             with pytest.raises(ValueError, match=message):
                 NoiseSearch(reward=reward, reward_space="sample", branch_every=1, **config).search(
-                    pipe := ddim(), batch_size=4, num_inference_steps=3)
+                    pipe := make_pipe(), batch_size=4, num_inference_steps=3)
             assert not isinstance(pipe.scheduler, SteeredScheduler)
         with RolloverBudgetForcing(reward=reward, budget=9).attached(pipe := flow()), pytest.raises(ValueError,
                                                                                                    match=message):
@@ -330,6 +334,6 @@ def test_bad_uses_give_clear_errors():
         pipe(batch_size=2, num_inference_steps=6)
     with pytest.raises(ValueError, match="do not pass `latents`"):
         NoiseSearch(reward=constant_reward).search(ddim(), batch_size=2, latents=torch.zeros(2, 2, 1, 1))
-    with NoiseSearch(reward=constant_reward, mode="paths", budget=4).attached(pipe := ddim()), pytest.raises(
+    with NoiseSearch(reward=constant_reward, mode="paths", budget=4).attached(pipe := ddpm()), pytest.raises(
             ValueError, match="num_images_per_prompt=4"):
         pipe(batch_size=6, num_inference_steps=3)

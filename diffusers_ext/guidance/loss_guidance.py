@@ -15,7 +15,7 @@ from .steering import (
     check_non_negative,
     check_reward_space,
     gradient_of_sum,
-    in_guidance_range,
+    step_position,
 )
 
 
@@ -28,28 +28,36 @@ class LossGuidance(SteeringMethod):
     arXiv 2310.00224.
 
     At a guided step from ``x_t`` the scheduler first takes its own step to ``x_{t-1}'``; then, with ``x0_hat(x_t)``
-    the pipeline's x0 prediction re-computed under autograd (one extra model call, CFG included) and ``zeta`` the
-    ``scale``:
+    the pipeline's x0 prediction re-computed under autograd (one extra model call, CFG included), ``N`` the number of
+    steps in the run and ``zeta`` the ``scale``:
 
-        L_t     = L(x0_hat(x_t))                                      (per sample)
-        zeta_t  = zeta / sqrt(L_t)    if normalize    else  zeta
+        L_t     = L(x0_hat(x_t))                                                (per sample)
+        zeta_t  = (zeta / N) / ||grad_{x0_hat} L_t||    if normalize    else  zeta / N
         x_{t-1} = x_{t-1}' - zeta_t grad_{x_t} L_t
 
     ``grad_{x_t} (-L)`` stands in for ``grad log p(y | x_t)`` (DPS's approximation ``p(y | x_t) ~ p(y | x0_hat(x_t))``).
-    For ``L = ||A x - y||^2 / (2 noise_std^2)`` (``MeasurementConsistency(...).loss``) the normalised step is the DPS
-    code's ``zeta_DPS grad_{x_t} ||y - A x0_hat||`` with ``zeta = zeta_DPS noise_std / sqrt(2)``; its configs use
-    ``zeta_DPS`` 0.3 to 0.5 on 256 x 256 images in ``[-1, 1]`` with 1000 ancestral steps. The normalised step has the
-    same length whatever the residual, so a good ``zeta`` depends on the problem's dimension (on a 2-D problem the
-    images' value leaves a spread of about ``zeta_DPS / 2`` around the measurement, see the tests). Without
-    normalisation the step is steered diffusion's plain gradient step. It applies after any scheduler's step, VP
-    (DDPM, DDIM, DPM-Solver, ...) or rectified flow (SD3, Flux).
+    The normalised step is DPS's: for ``L = ||A x - y||^2 / (2 noise_std^2)`` (``MeasurementConsistency(...).loss``)
+    and an operator with orthonormal rows (inpainting, selecting values) it is exactly the DPS code's
+    ``zeta_DPS grad_{x_t} ||y - A x0_hat||`` with ``zeta_DPS = zeta / N``, whatever ``noise_std`` or the loss's
+    constant factor. It would move ``x0_hat`` by ``zeta / N`` per step, ``zeta`` over the run, so ``scale`` means
+    the same at 10, 50 or 1000 steps (DPS's own ``zeta_DPS`` was for 1000 steps: a per-step constant makes the
+    guidance grow with the step count; on the oracles below the best per-step value fell tenfold from 100 to 1000
+    steps while the best ``zeta`` stayed put).
+
+    The default ``scale=10`` was measured on exact Gaussian-mixture posteriors (1 and 4 measured values, noise 0.1;
+    flow Euler 100 steps, DDPM 50 and 250, DDIM 50): it cut the sliced W2 to the posterior from about 1.05 to
+    0.08-0.37 in all twelve cases (``tests/test_guidance_gradient.py``). The fixed-length step does not adapt to the
+    number of measured values ``M``: near the posterior it jitters by ``zeta / N`` around the measurement, which is
+    small against the posterior's spread ``noise_std sqrt(M)`` only when ``zeta`` grows with ``sqrt(M)``. DPS's image
+    configs (``zeta_DPS`` 0.3-1.0 at 1000 steps on 256 x 256 x 3 images) are ``scale`` 300-1000; start there for
+    images. Without normalisation the step is steered diffusion's plain gradient step, ``zeta / N`` per step. It
+    applies after any scheduler's step, VP (DDPM, DDIM, DPM-Solver, ...) or rectified flow (SD3, Flux).
 
     Args:
-        loss: ``loss(images_or_samples) -> (B,)`` tensor, lower is better, differentiable; non-negative when
-            ``normalize``.
-        scale: ``zeta``, non-negative.
-        normalize: divide the step by ``sqrt(L_t)`` per sample (DPS's step size).
-        guidance_start, guidance_end: guide the steps whose position ``i / num_steps`` in the run lies in
+        loss: ``loss(images_or_samples) -> (B,)`` tensor, lower is better, differentiable.
+        scale: ``zeta``, the guidance over the whole run; non-negative.
+        normalize: divide the step by ``||grad_{x0_hat} L_t||`` per sample (DPS's step, a fixed length in x0 space).
+        guidance_start, guidance_end: guide the steps whose position ``i / N`` in the run lies in
             ``[guidance_start, guidance_end)``.
         reward_space: ``"image"`` (the loss reads images in ``[0, 1]`` decoded by the VAE) or ``"sample"``.
 
@@ -65,7 +73,7 @@ class LossGuidance(SteeringMethod):
         self,
         *,
         loss: Loss | None = None,
-        scale: float = 1.0,
+        scale: float = 10.0,
         normalize: bool = True,
         guidance_start: float = 0.0,
         guidance_end: float = 1.0,
@@ -86,22 +94,18 @@ class LossGuidance(SteeringMethod):
 
     def after_step(self, step: DenoisingStep, prev_sample: torch.Tensor) -> torch.Tensor:
         config = self.config
-        if config.scale == 0 or not in_guidance_range(self.scheduler, step, config.guidance_start, config.guidance_end):
+        position, num_steps = step_position(self.scheduler, step)
+        if config.scale == 0 or not config.guidance_start <= position / num_steps < config.guidance_end:
             return prev_sample
         with torch.enable_grad():
             sample = step.sample.detach().requires_grad_(True)
             x0 = step.x0_and_eps(self.denoise(sample, step.timestep, step), sample)[0]
             losses = self.score(self.loss, x0, name="loss")
-            gradient = gradient_of_sum(losses, sample, "loss")
-        losses = losses.detach()
-        self.last_losses = losses
-        step_size = torch.full_like(losses, config.scale)
+            gradient, x0_gradient = gradient_of_sum(losses, (sample, x0), "loss")
+        self.last_losses = losses.detach()
+        step_size = torch.full_like(self.last_losses, config.scale / num_steps, dtype=torch.float64)
         if config.normalize:
-            if (losses < 0).any():
-                raise ValueError(
-                    f"normalize=True divides by the square root of the loss, which must be non-negative; got "
-                    f"{losses.tolist()}"
-                )
-            step_size = torch.where(losses > 0, config.scale / losses.clamp_min(1e-30).sqrt(), 0.0)
-        step_size = per_sample(step_size, gradient)
-        return prev_sample - step_size * gradient.to(prev_sample.dtype)
+            x0_gradient_norm = x0_gradient.reshape(len(x0_gradient), -1).double().norm(dim=1)
+            # A sample whose loss is flat in x0 (already consistent) is left alone rather than divided by zero.
+            step_size = torch.where(x0_gradient_norm > 0, step_size / x0_gradient_norm.clamp_min(1e-300), 0.0)
+        return prev_sample - per_sample(step_size, gradient) * gradient.to(prev_sample.dtype)

@@ -110,7 +110,8 @@ class NoiseSearch(SteeringMethod):
     do not reproduce the sample). ``paths`` happens inside one pipeline call: attach the method and run the pipeline
     with ``num_images_per_prompt=budget`` (the first image of each group is the best), or call ``search``, which does
     that and returns each group's best. Branching needs a stochastic sampler: DDPM, DDIM with ``eta > 0``, SDE solvers
-    on VP pipelines; flow pipelines are stepped by DDIM's step with ``eta = flow_eta`` on the SNR-matched VP path
+    on VP pipelines (``attach`` refuses deterministic schedulers such as PNDM, and a run at ``eta=0`` raises at its
+    first step); flow pipelines are stepped by DDIM's step with ``eta = flow_eta > 0`` on the SNR-matched VP path
     (``diffusion_math.ddim_step``).
 
     Args:
@@ -164,6 +165,11 @@ class NoiseSearch(SteeringMethod):
         self.flow_eta = flow_eta if mode == "paths" else None
         self.nfe = 0
         self.final_rewards: torch.Tensor | None = None
+
+    @property
+    def needs_stochastic_sampler(self) -> bool:
+        """Path search branches copies through the sampler's noise; noise search needs none."""
+        return self.config.mode == "paths"
 
     # Hooks: record a run (noise search) or branch and select particles (path search) ---------------------------
 

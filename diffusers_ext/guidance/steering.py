@@ -16,6 +16,7 @@ x0 predictions come from ``diffusers_ext.diffusion_math`` for VP (DDPM family) a
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import zlib
@@ -90,6 +91,23 @@ def reindex_batch_state(scheduler: Any, index: torch.Tensor, sample_shape: torch
             setattr(scheduler, name, [
                 v[index.to(v.device)] if isinstance(v, torch.Tensor) and v.shape == sample_shape else v for v in value
             ])
+
+
+def step_can_add_noise(scheduler: Any) -> bool:
+    """Whether ``scheduler.step`` can be stochastic: one step of a copy (``eta=1`` where the step takes an ``eta``) on
+    two identical rows, which a stochastic step sends apart. The copy and a forked RNG leave the scheduler and the
+    global random state untouched."""
+    probe = copy.deepcopy(scheduler)
+    probe.set_timesteps(10)
+    parameters = inspect.signature(probe.step).parameters
+    with torch.random.fork_rng(devices=[]):
+        generator = torch.Generator().manual_seed(0)
+        sample, model_output = (row.expand(2, -1, -1, -1) for row in torch.randn(2, 1, 4, 4, 4, generator=generator))
+        kwargs = {"eta": 1.0} if "eta" in parameters else {}
+        if "generator" in parameters:
+            kwargs["generator"] = generator
+        prev_sample = probe.step(model_output.clone(), probe.timesteps[0], sample.clone(), **kwargs)[0]
+    return not torch.equal(prev_sample[0], prev_sample[1])
 
 
 class DenoiserCall:
@@ -204,6 +222,8 @@ class SteeredScheduler:
 
     def _steered_step(self, *args, **kwargs):
         bound = self._step_signature.bind(*args, **kwargs)
+        if self.method.step_index == 0:
+            self.method._check_step_is_stochastic(bound)
         model_output, timestep, sample = (bound.arguments[k] for k in ("model_output", "timestep", "sample"))
         step = self.method._describe_step(timestep, sample, model_output)
         bound.arguments["model_output"], bound.arguments["sample"] = self.method.before_step(step)
@@ -225,11 +245,16 @@ class SteeringMethod(ConfigMixin):
     callable is left out of the config. Subclasses set
     ``supported_noise_paths``, ``uses_denoiser`` (re-runs the denoiser: gradients or candidate scoring) and
     ``flow_eta`` (a stochastic step is needed on rectified-flow pipelines, whose stock schedulers are deterministic).
+    Methods that branch particles through the sampler's noise set ``needs_stochastic_sampler``: on VP pipelines
+    ``attach`` then refuses a scheduler whose step never adds noise (PNDM, DEIS, UniPC, DPM-Solver's ODE solvers), and
+    a run whose step takes ``eta`` raises at its first step when it is 0 (DDIM's default), rather than returning
+    identical copies; on flow pipelines ``flow_eta`` must be positive.
     """
 
     config_name = "steering_config.json"
     supported_noise_paths: tuple[str, ...] = ("vp", "flow")
     uses_denoiser = False
+    needs_stochastic_sampler = False
 
     def __init__(self) -> None:
         self.pipeline = None
@@ -279,6 +304,16 @@ class SteeringMethod(ConfigMixin):
                 f"{type(scheduler).__name__} works on sigma-scaled samples (k-diffusion style, init_noise_sigma="
                 f"{float(scheduler.init_noise_sigma):.3g}); steering needs a scheduler on the VP sample scale "
                 "(DDPM, DDIM, DPM-Solver, UniPC, DEIS, ER-SDE, ...)"
+            )
+        if self.needs_stochastic_sampler and path == "flow" and not self.flow_eta:
+            raise ValueError(f"{type(self).__name__} branches particles through the flow step's noise: flow_eta must be "
+                             f"positive, got {self.flow_eta!r}")
+        if self.needs_stochastic_sampler and path == "vp" and not step_can_add_noise(scheduler):
+            raise ValueError(
+                f"{type(self).__name__} needs a stochastic sampler: copies of a particle would stay identical "
+                f"under {type(scheduler).__name__}'s deterministic step. Swap in one that adds noise, e.g. "
+                "pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config), or DDIMScheduler.from_config(...) "
+                "and pipe(..., eta=1.0)"
             )
         if path == "flow" and self.flow_eta and not (hasattr(scheduler, "sigmas") and hasattr(scheduler, "step_index")):
             raise ValueError(f"{type(self).__name__} needs a flow scheduler exposing `sigmas` and `step_index`")
@@ -337,6 +372,19 @@ class SteeringMethod(ConfigMixin):
         self.step_index = 0
         self.generator = None
         self.begin()
+
+    def _check_step_is_stochastic(self, bound: inspect.BoundArguments) -> None:
+        """A run's first step: a step that takes ``eta`` (DDIM, TCD) is deterministic at ``eta=0``."""
+        if not self.needs_stochastic_sampler or self.noise_path != "vp":
+            return
+        parameter = bound.signature.parameters.get("eta")
+        eta = bound.arguments.get("eta", parameter.default if parameter is not None else None)
+        if eta == 0:
+            raise ValueError(
+                f"{type(self).__name__} needs a stochastic sampler, but {type(self.scheduler).__name__} is stepping with "
+                "eta=0, a deterministic step under which copies of a particle stay identical; pass eta=1.0 to the "
+                "pipeline (pipe(..., eta=1.0))"
+            )
 
     def _describe_step(self, timestep, sample, model_output) -> DenoisingStep:
         if self.step_index == 0 and "seed" in self.config:
@@ -423,14 +471,18 @@ def check_guidance_range(start: float, end: float) -> None:
         raise ValueError(f"need 0 <= guidance_start < guidance_end <= 1, got {start!r} and {end!r}")
 
 
-def gradient_of_sum(values: torch.Tensor, inputs: torch.Tensor, name: str = "loss") -> torch.Tensor:
-    """``grad_inputs sum(values)``, or a ``ValueError`` when ``values`` do not depend differentiably on ``inputs``."""
+def gradient_of_sum(
+    values: torch.Tensor, inputs: torch.Tensor | tuple[torch.Tensor, ...], name: str = "loss"
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """``grad_inputs sum(values)`` (a tuple of gradients for a tuple of inputs, from one backward pass), or a
+    ``ValueError`` when ``values`` do not depend differentiably on ``inputs``."""
     if not values.requires_grad:
         raise ValueError(
             f"the {name} is not differentiable with respect to the sample (its output carries no gradient); gradient "
             f"guidance needs a differentiable {name} (torch operations, no .detach(), numpy or PIL)"
         )
-    return torch.autograd.grad(values.sum(), inputs)[0]
+    gradients = torch.autograd.grad(values.sum(), inputs)
+    return gradients if isinstance(inputs, tuple) else gradients[0]
 
 
 def step_position(scheduler: Any, step: DenoisingStep) -> tuple[int, int]:
