@@ -100,7 +100,7 @@ def methods_part(train_steps: int) -> None:
                            block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8,
                            down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3)
         config = TrainingConfig(output_dir=f"training_output/benchmark-{pipeline_class.__name__}",
-                                max_steps=train_steps, batch_size=16, learning_rate=5e-4)
+                                max_steps=train_steps, batch_size=16, learning_rate=5e-4, checkpoint_every=0)
         model = Trainer(PairedRestorationObjective(scheduler), unet, data, config).train().model.eval()
         pipe = pipeline_class(unet=model, scheduler=scheduler, upscale_factor=4)
         pipe.set_progress_bar_config(disable=True)
