@@ -97,15 +97,15 @@ def test_python_snippet_runs_as_written(code, marker, tmp_path, monkeypatch):
 @pytest.mark.parametrize(("code", "marker"), snippets("bash"))
 def test_command_line_snippets_parse(code, marker):
     from diffusers_ext.cli import build_parser
-    from diffusers_ext.training.cli import parse_arguments
+    from diffusers_ext.training.cli import build_parser as build_train_parser
 
     for line in code.splitlines():
         words = shlex.split(line, comments=True)
         if not words or words[0] != "diffusers-ext":
             continue
         try:
-            if words[1] == "train":
-                parse_arguments(words[2:])
+            if words[1] == "train":  # the flags only: a --resume needs the run it continues
+                build_train_parser().parse_args(words[2:])
             else:
                 build_parser().parse_args(words[1:])
         except SystemExit as exit_:
