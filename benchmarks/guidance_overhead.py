@@ -1,4 +1,4 @@
-"""Issue 6's overhead figure: FK steering with K particles against K independent samples plus the reward calls.
+"""The overhead of FK steering: K particles against K independent samples plus the reward calls.
 
     python benchmarks/guidance_overhead.py [--particles 4] [--steps 10] [--repeats 5] [--size 16]
 
@@ -6,11 +6,12 @@ On a small random Stable Diffusion pipeline (UNet2DConditionModel, AutoencoderKL
 times, back to back:
 
 - ``independent``: ``pipe(num_images_per_prompt=K)``, K unsteered samples in one batch;
-- ``steered``: the same call with ``FKSteering`` attached (resampling every step), with the time spent inside the
-  reward (VAE decode + JPEG size of every x0 prediction) recorded separately.
+- ``steered``: the same call with ``FKSteering`` attached (reward read at every step, resampling when the ESS falls
+  below K / 2), with the time spent inside the reward (VAE decode + JPEG size of every x0 prediction) recorded
+  separately.
 
-It prints the median of ``steered / (independent + reward time)``: what the steering machine itself costs. The
-issue's target is at most 1.1.
+It prints the median of ``steered / (independent + reward time)``: what the steering machine itself costs; the
+target is at most 1.1.
 """
 
 from __future__ import annotations

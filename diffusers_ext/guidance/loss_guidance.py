@@ -41,16 +41,17 @@ class LossGuidance(SteeringMethod):
     ``zeta_DPS grad_{x_t} ||y - A x0_hat||`` with ``zeta_DPS = zeta / N``, whatever ``noise_std`` or the loss's
     constant factor. It would move ``x0_hat`` by ``zeta / N`` per step, ``zeta`` over the run, so ``scale`` means
     the same at 10, 50 or 1000 steps (DPS's own ``zeta_DPS`` was for 1000 steps: a per-step constant makes the
-    guidance grow with the step count; on the oracles below the best per-step value fell tenfold from 100 to 1000
-    steps while the best ``zeta`` stayed put).
+    guidance grow with the step count; on two exact 2-D posteriors the best per-step value fell tenfold from 100 to
+    1000 DDPM steps while the best ``zeta`` stayed put).
 
-    The default ``scale=10`` was measured on exact Gaussian-mixture posteriors (1 and 4 measured values, noise 0.1;
-    flow Euler 100 steps, DDPM 50 and 250, DDIM 50): it cut the sliced W2 to the posterior from about 1.05 to
-    0.08-0.37 in all twelve cases (``tests/test_guidance_gradient.py``). The fixed-length step does not adapt to the
-    number of measured values ``M``: near the posterior it jitters by ``zeta / N`` around the measurement, which is
-    small against the posterior's spread ``noise_std sqrt(M)`` only when ``zeta`` grows with ``sqrt(M)``. DPS's image
-    configs (``zeta_DPS`` 0.3-1.0 at 1000 steps on 256 x 256 x 3 images) are ``scale`` 300-1000; start there for
-    images. Without normalisation the step is steered diffusion's plain gradient step, ``zeta / N`` per step. It
+    The default ``scale=10`` was chosen from a sweep on exact Gaussian-mixture posteriors (two 2-D laws with one
+    measured value and an 8-D law with four, noise 0.1; flow Euler 100 steps, DDPM 50 and 250, DDIM 50): it cut the
+    sliced W2 to the posterior from about 1.05 to 0.08-0.37 in all twelve cases; ``tests/test_guidance_gradient.py``
+    checks three of them and the demo's. The fixed-length step does not adapt to the number of measured values
+    ``M``: near the posterior it jitters by ``zeta / N`` around the measurement, which is small against the
+    posterior's spread ``noise_std sqrt(M)`` only when ``zeta`` grows with ``sqrt(M)``. DPS's pixel-space image
+    configs (``zeta_DPS`` 0.3-0.5 at 1000 steps, 256 x 256 x 3 images in ``[-1, 1]``) correspond to ``scale``
+    300-500; start near there for images. Without normalisation the step is steered diffusion's plain gradient step, ``zeta / N`` per step. It
     applies after any scheduler's step, VP (DDPM, DDIM, DPM-Solver, ...) or rectified flow (SD3, Flux).
 
     Args:
