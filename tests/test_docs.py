@@ -28,17 +28,38 @@ def _stand_in_pipe():
 
 
 def _stand_in_sd3():
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from tiny_pipelines import tiny_sd3
+    """SD3 with its two CLIP encoders built from configs and no T5 (which SD3 allows), so that it takes prompts."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
 
+    from diffusers_ext.testing import tiny_clip_text_encoder, tiny_clip_tokenizer
     from diffusers_ext.testing.sampler_accuracy import SD3_SCHEDULER_CONFIG
+    from diffusers_ext.testing.tiny_text import TINY_TEXT_WIDTH
 
-    return tiny_sd3(FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_CONFIG))
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=2 * TINY_TEXT_WIDTH, caption_projection_dim=16,
+        pooled_projection_dim=2 * TINY_TEXT_WIDTH)
+    vae = AutoencoderKL(block_out_channels=(8,), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4, sample_size=8,
+                        shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_CONFIG),
+        vae=vae.eval(), text_encoder=tiny_clip_text_encoder(with_projection=True), tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=tiny_clip_text_encoder(seed=1, with_projection=True), tokenizer_2=tiny_clip_tokenizer(),
+        text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 STAND_INS = {
     "pipe": _stand_in_pipe,  # a Stable Diffusion 1.x pipeline that takes prompts
-    "sd3": _stand_in_sd3,  # an SD3 pipeline (precomputed prompt embeddings)
+    "sd3": _stand_in_sd3,  # an SD3 pipeline that takes prompts
     "prompt": lambda: "a photo of a cat",
 }
 
