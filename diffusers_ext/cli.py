@@ -76,29 +76,34 @@ def run_sampler_accuracy(output: Path, num_samples: int, dims, nfes, schedulers=
 
 def _demo(args: argparse.Namespace) -> None:
     start = time.perf_counter()
-    parts = args.parts or list(DEMO_PARTS)
     output = Path(args.output)
-    if "samplers" in parts:
-        print("Samplers on the exact Gaussian-mixture oracle: diffusers' built-ins next to diffusers-ext's\n")
-        run_sampler_accuracy(output / "sampler_accuracy", args.num_samples or (2048 if args.full else 512),
-                             (2, 64), (5, 10, 20, 50) if args.full else (5, 10))
-    if "steering" in parts:
-        print("\nSteering hooks on the exact 2-D oracle: steered versus unsteered, next to the exact target law\n")
-        from .guidance.demo import run_steering_demo
+    seconds = {}
+    for part in args.parts or DEMO_PARTS:
+        part_start = time.perf_counter()
+        if part == "samplers":
+            print("Samplers on the exact Gaussian-mixture oracle: diffusers' built-ins next to diffusers-ext's\n")
+            run_sampler_accuracy(output / "sampler_accuracy", args.num_samples or (2048 if args.full else 512),
+                                 (2, 64), (5, 10, 20, 50) if args.full else (5, 10))
+        elif part == "steering":
+            print("Steering hooks on the exact 2-D oracle: steered versus unsteered, next to the exact target law\n")
+            from .guidance.demo import run_steering_demo
 
-        run_steering_demo(output / "steering")
-    if "text" in parts:
-        print("\nThe shipped tiny masked-diffusion language model (trained on Python's documentation)\n")
-        from .pipelines.text.demo import run_text_demo
+            run_steering_demo(output / "steering", num_samples=2000 if args.full else 500)
+        elif part == "text":
+            print("The shipped tiny masked-diffusion language model (trained on Python's documentation)\n")
+            from .pipelines.text.demo import run_text_demo
 
-        run_text_demo(output / "text")
-    if "restoration" in parts:
-        print("\nThe shipped tiny ResShift model: 4x super-resolution of photos it was not trained on\n")
-        from .pipelines.restoration.demo import run_restoration_demo
+            run_text_demo(output / "text")
+        else:
+            print("The shipped tiny ResShift model: 4x super-resolution of photos it was not trained on\n")
+            from .pipelines.restoration.demo import run_restoration_demo
 
-        run_restoration_demo(output / "restoration")
-    print(f"\ndemo ({', '.join(parts)}) finished in {time.perf_counter() - start:.0f} s; open {output}/ to look at "
-          "the plots")
+            run_restoration_demo(output / "restoration")
+        seconds[part] = time.perf_counter() - part_start
+        print()
+    parts = ", ".join(f"{part} {value:.0f} s" for part, value in seconds.items())
+    print(f"demo finished in {time.perf_counter() - start:.0f} s on {os.cpu_count()} CPU cores ({parts}); open "
+          f"{output}/ to look at the plots")
 
 
 def _bench(args: argparse.Namespace) -> None:
