@@ -1,12 +1,33 @@
+import os
+
 import pytest
 import torch
 from diffusers import DDIMScheduler
 
 from diffusers_ext.testing import GaussianMixture, GaussianMixtureDenoiser, GaussianMixtureSamplingPipeline
 
+
+def integer_from_environment(name: str, default: int, minimum: int) -> int:
+    value = os.environ.get(name, str(default))
+    if not value.isdigit() or int(value) < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
 # `make test` runs two workers on two cores: one thread each avoids oversubscription, which slows torch's CPU
-# kernels by an order of magnitude.
-torch.set_num_threads(1)
+# kernels by an order of magnitude. `make test-numerics` reruns the effect tests with another thread count
+# (DIFFUSERS_EXT_TEST_THREADS), with torch's deterministic algorithms (DIFFUSERS_EXT_DETERMINISTIC=1) and with another
+# training seed (DIFFUSERS_EXT_TEST_SEED): an effect that holds only under one rounding, or one seed, fails there.
+torch.set_num_threads(integer_from_environment("DIFFUSERS_EXT_TEST_THREADS", 1, minimum=1))
+torch.use_deterministic_algorithms(bool(integer_from_environment("DIFFUSERS_EXT_DETERMINISTIC", 0, minimum=0)))
+
+
+@pytest.fixture(scope="session")
+def training_seed() -> int:
+    """The seed of the effect tests' training runs (``TrainingConfig.seed``): 0 unless DIFFUSERS_EXT_TEST_SEED says
+    otherwise. Their bounds hold over the seeds they were measured on, with margin, so they must hold for others."""
+    return integer_from_environment("DIFFUSERS_EXT_TEST_SEED", 0, minimum=0)
+
 
 # A 2-D mixture with full, correlated covariances and unequal weights.
 MEANS_2D = [[-1.5, 0.5], [1.0, 1.0], [0.5, -1.5]]

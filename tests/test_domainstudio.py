@@ -57,21 +57,22 @@ def prompts():
 
 
 @pytest.fixture(scope="module")
-def diversity_comparison(prompts, tmp_path_factory):
+def diversity_comparison(prompts, tmp_path_factory, training_seed):
     folder = tmp_path_factory.mktemp("domainstudio")
     target, source = prompts
     latents = torch.randn(64, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     source_domain = [{"latents": x, "prompt_embeds": (target if i % 2 else source)[0]} for i, x in enumerate(latents)]
     pretrain = DomainStudioObjective(training_scheduler(), prior_weight=0, **PLAIN)
     base = Trainer(pretrain, sd_pipeline().unet.train(), source_domain,
-                   TrainingConfig(output_dir=str(folder / "base"), max_steps=200, batch_size=8, learning_rate=3e-3)
-                   ).train().model
+                   TrainingConfig(output_dir=str(folder / "base"), max_steps=200, batch_size=8, learning_rate=3e-3,
+                                  seed=training_seed)).train().model
     data = FewShotDomainLatents(target[0], source[0], num_shots=4, num_class=8, jitter=0.1)
     generated = {}
     for label, weights in (("plain", PLAIN), ("domainstudio", {})):
         unet = copy.deepcopy(base).train()
         method = DomainStudioObjective(training_scheduler(), source_model=copy.deepcopy(unet), **weights)
-        config = TrainingConfig(output_dir=str(folder / label), max_steps=150, batch_size=4, learning_rate=1e-3)
+        config = TrainingConfig(output_dir=str(folder / label), max_steps=150, batch_size=4, learning_rate=1e-3,
+                                seed=training_seed)
         pipe = sd_pipeline()
         pipe.unet = Trainer(method, unet, data, config).train().model.eval()
         with torch.no_grad():
@@ -79,6 +80,7 @@ def diversity_comparison(prompts, tmp_path_factory):
     return generated
 
 
+@pytest.mark.effect
 def test_domainstudio_keeps_more_sample_diversity_than_plain_fine_tuning(diversity_comparison):
     half = len(HELD_OUT_SEEDS) // 2
     diversity, floor = {}, 0.0

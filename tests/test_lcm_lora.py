@@ -82,7 +82,7 @@ def per_seed_mse(outputs: torch.Tensor, reference: torch.Tensor) -> torch.Tensor
 
 
 @pytest.fixture(scope="module")
-def distilled(tmp_path_factory):
+def distilled(tmp_path_factory, training_seed):
     output_dir = tmp_path_factory.mktemp("lcm-lora")
     base = sd_pipeline()
     data_latents = teacher_samples(base.unet, base.scheduler.config, PROMPT, NEGATIVE, count=64,
@@ -90,7 +90,8 @@ def distilled(tmp_path_factory):
                                    generator=torch.Generator().manual_seed(TRAINING_SEED))
     data = [{"latents": x0, "prompt_embeds": PROMPT[0], "negative_prompt_embeds": NEGATIVE[0]} for x0 in data_latents]
     config = TrainingConfig(output_dir=str(output_dir), max_steps=STEPS, batch_size=16, learning_rate=1e-2,
-                            lora_rank=8, lora_target_modules=ROUND_TRIPPING_TARGETS, validation_every=STEPS)
+                            lora_rank=8, lora_target_modules=ROUND_TRIPPING_TARGETS, validation_every=STEPS,
+                            seed=training_seed)
     method = LCMLoRADistillation(base.scheduler.config, w_min=GUIDANCE, w_max=GUIDANCE, validation_pipeline=base,
                                  validation_prompt_embeds=PROMPT, validation_seeds=VALIDATION_SEEDS)
     result = Trainer(method, sd_pipeline().unet.train(), data, config).train()
@@ -99,6 +100,7 @@ def distilled(tmp_path_factory):
     return {"base": base, "student": student, "output_dir": output_dir, "teacher": latents(base, 50, GUIDANCE)}
 
 
+@pytest.mark.effect
 def test_one_step_student_is_closer_to_the_teachers_50_step_output_than_the_base_model_at_one_step(distilled):
     base, teacher = distilled["base"], distilled["teacher"]
     student = per_seed_mse(latents(distilled["student"], 1, 1.0), teacher)
@@ -111,6 +113,7 @@ def test_one_step_student_is_closer_to_the_teachers_50_step_output_than_the_base
     assert student.mean() < 0.7 * min(base_lcm.mean(), base_ddim.mean())
 
 
+@pytest.mark.effect
 @pytest.mark.xfail(strict=True, reason="not at toy scale: random teacher, student 31 vs base 3.6 (trailing DDIM); "
                                        "trained teacher, student 1.06-1.42 vs base 0.42 (default DDIM) and 0.10 "
                                        "(trailing), and a perfect consistency model's LCM 4-step floor (0.46-0.72) "

@@ -36,14 +36,16 @@ def noisy_photo_patches():
     return train, held_out
 
 
+@pytest.mark.effect
 @pytest.mark.parametrize("method", ["resshift", "rddm"])
-def test_training_raises_psnr_on_held_out_photos(method, noisy_photo_patches, tmp_path):
+def test_training_raises_psnr_on_held_out_photos(method, noisy_photo_patches, tmp_path, training_seed):
     train, held_out = noisy_photo_patches
     if method == "resshift":
         scheduler, pipeline_class, steps = ResShiftScheduler(num_train_timesteps=4, kappa=0.5), ResShiftPipeline, 4
     else:
         scheduler, pipeline_class, steps = RDDMScheduler(prediction_type="residual"), RDDMPipeline, 5
-    config = TrainingConfig(output_dir=str(tmp_path), max_steps=200, batch_size=16, learning_rate=2e-3)
+    config = TrainingConfig(output_dir=str(tmp_path), max_steps=200, batch_size=16, learning_rate=2e-3,
+                            seed=training_seed)
     model = Trainer(PairedRestorationObjective(scheduler), small_unet(), train, config).train().model.eval()
 
     pipe = pipeline_class(unet=model, scheduler=scheduler, upscale_factor=1)

@@ -3,6 +3,7 @@ ELBO is what its training report says and far below an untrained model's, and it
 
 import json
 
+import pytest
 import torch
 from diffusers import DiffusionPipeline
 from huggingface_hub import ModelCard
@@ -33,6 +34,7 @@ def test_ships_as_a_loadable_pipeline_with_its_card():
     assert card.data.pipeline_tag == "text-generation" and "masked-diffusion-lm-pipeline" in card.data.tags
 
 
+@pytest.mark.effect
 def test_held_out_negative_elbo_matches_the_report_and_beats_an_untrained_model():
     pipe = load()
     report = json.loads((shipped_model_path() / "training_report.json").read_text())

@@ -72,8 +72,8 @@ def rms(images_a: torch.Tensor, images_b: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def cat_membrane(tmp_path_factory):
-    return train_membrane(tmp_path_factory.mktemp("spm-cat"), CONCEPT)[0]
+def cat_membrane(tmp_path_factory, training_seed):
+    return train_membrane(tmp_path_factory.mktemp("spm-cat"), CONCEPT, seed=training_seed)[0]
 
 
 def erasure_figures(stock, transport) -> dict[str, torch.Tensor]:
@@ -84,6 +84,7 @@ def erasure_figures(stock, transport) -> dict[str, torch.Tensor]:
             "between_prompts": rms(before[CONCEPT], before[NON_TARGET])}
 
 
+@pytest.mark.effect
 def test_spm_erases_the_concept_and_changes_a_non_target_prompt_less_on_held_out_seeds(cat_membrane):
     figures = {}
     for transport_on in (True, False):
@@ -137,6 +138,7 @@ def prediction_figures(membrane) -> dict[str, torch.Tensor]:
     return {k: torch.stack(v) for k, v in figures.items()}
 
 
+@pytest.mark.effect
 def test_the_erasing_error_drops_on_fresh_draws(cat_membrane):
     """The sign of erasing, as the objective states it: on fresh ``x_t`` the erasing error ``|| eps(x_t, c_tar) - y
     ||`` is lower than at the initial membrane on nearly every draw, and the concept's prediction moves most of the way
@@ -155,6 +157,7 @@ def test_the_erasing_error_drops_on_fresh_draws(cat_membrane):
     assert figures["progress"].min() > 1, report
 
 
+@pytest.mark.effect
 def test_membrane_transfers_to_another_unet_of_the_same_architecture(cat_membrane):
     def other_model_pipeline():
         pipe = sd_pipeline(text_encoder=True)

@@ -38,11 +38,13 @@ def objective(tokenizer) -> MaskedDiffusionLMObjective:
     return MaskedDiffusionLMObjective(MaskedDiffusionScheduler(mask_token_id=tokenizer.mask_token_id))
 
 
-def test_training_lowers_the_held_out_negative_elbo(corpus, tmp_path):
+@pytest.mark.effect
+def test_training_lowers_the_held_out_negative_elbo(corpus, tmp_path, training_seed):
     tokenizer, train, held_out = corpus
     method, model = objective(tokenizer), tiny_bert(len(tokenizer))
     before = method.negative_elbo(model.eval(), held_out)
-    config = TrainingConfig(output_dir=str(tmp_path), max_steps=300, batch_size=32, learning_rate=3e-3)
+    config = TrainingConfig(output_dir=str(tmp_path), max_steps=300, batch_size=32, learning_rate=3e-3,
+                            seed=training_seed)
     result = Trainer(method, model.train(), train, config).train()
     after = method.negative_elbo(result.model.eval(), held_out)
     print(f"\nheld-out negative ELBO: {before:.3f} -> {after:.3f} nats per token "
@@ -72,11 +74,13 @@ def test_an_interrupted_run_resumes_to_the_same_weights(corpus, tmp_path):
         torch.testing.assert_close(state(result.model)[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_lora_trains_only_the_adapter(corpus, tmp_path):
+@pytest.mark.effect
+def test_lora_trains_only_the_adapter(corpus, tmp_path, training_seed):
     tokenizer, train, held_out = corpus
     method, model = objective(tokenizer), tiny_bert(len(tokenizer))
     base = state(model)
-    config = TrainingConfig(output_dir=str(tmp_path), max_steps=60, batch_size=32, learning_rate=1e-2, lora_rank=4)
+    config = TrainingConfig(output_dir=str(tmp_path), max_steps=60, batch_size=32, learning_rate=1e-2, lora_rank=4,
+                            seed=training_seed)
     trainer = Trainer(method, model.train(), train, config)
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
