@@ -148,3 +148,38 @@ def tiny_sdxl(scheduler) -> StableDiffusionXLPipeline:
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_controlnet_stable_diffusion(scheduler):
+    """``tiny_stable_diffusion`` with a ControlNet built from its UNet (``ControlNetModel.from_unet``); the control
+    image is 8 x 8 like the output (the conditioning embedding does not downsample)."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    base = tiny_stable_diffusion(scheduler)
+    torch.manual_seed(1)
+    controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(8,))
+    # from_unet copies the UNet's weights and zero-initialises the residual outputs; random outputs make the
+    # residuals matter in tests.
+    for block in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+        torch.nn.init.normal_(block.weight, std=0.1)
+    pipe = StableDiffusionControlNetPipeline(**base.components, controlnet=controlnet.eval())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def control_image(seed: int = 0) -> torch.Tensor:
+    return torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def hook_state(pipe) -> dict:
+    """What a detached hook must leave as it found it: the scheduler object, every attention processor object, and
+    which modules carry a diffusers hook registry or an instance-level ``forward``."""
+    state = {"scheduler": pipe.scheduler}
+    for name, component in pipe.components.items():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for module_name, module in component.named_modules():
+            key = f"{name}.{module_name}"
+            state[key] = (hasattr(module, "_diffusers_hook"), "forward" in vars(module),
+                          getattr(module, "processor", None))
+    return state
