@@ -11,6 +11,9 @@ is called, made for one training schedule; ``set_timesteps(n)`` resamples it log
 
 Both were optimised for SD's training schedule (``scaled_linear`` betas from 0.00085 to 0.012 over 1000 steps), which
 SD 1.x, SD 2.x and SDXL share, so a scheduler config cannot tell those models apart.
+
+``"auto"`` (the schedulers' default) is the named schedule of ``DEFAULT_SCHEDULES`` made for the config's training
+schedule, or ``timestep_spacing``'s grid when there is none.
 """
 
 from __future__ import annotations
@@ -59,6 +62,16 @@ NAMED_SCHEDULES = {
 }
 
 
+# The default for each training schedule, chosen by measurement on the oracle family (benchmarks/fast_samplers.py).
+DEFAULT_SCHEDULES = (("ays", STABLE_DIFFUSION_TRAINING_SCHEDULE),)
+
+
+def default_schedule_name(scheduler_config: Mapping[str, Any]) -> str | None:
+    """The named schedule ``"auto"`` stands for under ``scheduler_config``'s training schedule (``None``: none)."""
+    return next((name for name, schedule in DEFAULT_SCHEDULES if has_training_schedule(scheduler_config, schedule)),
+                None)
+
+
 def has_training_schedule(scheduler_config: Mapping[str, Any], training_schedule: Mapping[str, Any]) -> bool:
     """Whether ``scheduler_config`` trains on ``training_schedule`` (floats compared to a relative 1e-9)."""
     for key, expected in training_schedule.items():
@@ -89,12 +102,14 @@ def sampling_schedule_levels(
 
     A list may end with diffusers' final ``0.0`` (as ``AysSchedules`` tables do): the final level is the scheduler's
     ``final_sigmas_type``, so it is dropped."""
+    if sampling_schedule == "auto":
+        sampling_schedule = default_schedule_name(scheduler_config)
     if sampling_schedule is None:
         return None
     if isinstance(sampling_schedule, str):
         if sampling_schedule not in NAMED_SCHEDULES:
-            raise ValueError(f"sampling_schedule must be one of {sorted(NAMED_SCHEDULES)}, a list of noise levels or "
-                             f"None, got {sampling_schedule!r}")
+            raise ValueError(f"sampling_schedule must be 'auto', one of {sorted(NAMED_SCHEDULES)}, a list of noise "
+                             f"levels or None, got {sampling_schedule!r}")
         named = NAMED_SCHEDULES[sampling_schedule]
         if not has_training_schedule(scheduler_config, named.training_schedule):
             raise ValueError(f"sampling_schedule={sampling_schedule!r} is made for the training schedule "

@@ -107,7 +107,9 @@ class ERSDESolverScheduler(VPDiscreteScheduler):
         final_sigmas_type: ``"zero"`` or ``"sigma_min"``.
         sampling_schedule: the noise levels ``rho`` to sample at, for any ``num_inference_steps`` (log-linearly
             resampled) instead of ``timestep_spacing``: a name from ``sampling_schedules.NAMED_SCHEDULES``
-            (e.g. ``"ays"``), a list (``optimize_timesteps`` writes one), or ``None`` for ``timestep_spacing``.
+            (e.g. ``"ays"``), a list (``optimize_timesteps`` writes one), ``None`` for ``timestep_spacing``, or
+            ``"auto"`` (default): the measured-best named schedule for the config's training schedule (Stable
+            Diffusion's: ``sampling_schedules.DEFAULT_SCHEDULES``), else ``timestep_spacing``.
     """
 
     @register_to_config
@@ -126,7 +128,7 @@ class ERSDESolverScheduler(VPDiscreteScheduler):
         steps_offset: int = 0,
         final_sigmas_type: str = "zero",
         rescale_betas_zero_snr: bool = False,
-        sampling_schedule: str | list[float] | None = None,
+        sampling_schedule: str | list[float] | None = "auto",
     ):
         if solver_order not in (1, 2, 3):
             raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}")

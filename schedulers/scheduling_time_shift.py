@@ -74,9 +74,9 @@ class TimeShiftScheduler(VPDiscreteScheduler):
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr,
         prediction_type, timestep_spacing, steps_offset, set_alpha_to_one, final_sigmas_type, lower_order_final:
             passed to the base scheduler (whose own defaults fill in the rest).
-        sampling_schedule: the noise levels to sample at instead of the base scheduler's grid: a name from
-            ``sampling_schedules.NAMED_SCHEDULES`` (e.g. ``"ays"``), a list of levels ``rho``, or ``None`` (the base
-            scheduler's grid), as in ``ERSDESolverScheduler``.
+        sampling_schedule: the noise levels to sample at instead of the base scheduler's grid: ``"auto"`` (default),
+            a name from ``sampling_schedules.NAMED_SCHEDULES`` (e.g. ``"ays"``), a list of levels ``rho``, or
+            ``None`` (the base scheduler's grid), as in ``ERSDESolverScheduler``.
     """
 
     @register_to_config
@@ -97,7 +97,7 @@ class TimeShiftScheduler(VPDiscreteScheduler):
         final_sigmas_type: str = "zero",
         lower_order_final: bool = True,
         rescale_betas_zero_snr: bool = False,
-        sampling_schedule: str | list[float] | None = None,
+        sampling_schedule: str | list[float] | None = "auto",
     ):
         if base_scheduler not in BASE_SCHEDULERS:
             raise ValueError(f"base_scheduler must be one of {sorted(BASE_SCHEDULERS)}, got {base_scheduler!r}")
@@ -125,7 +125,7 @@ class TimeShiftScheduler(VPDiscreteScheduler):
         """The base scheduler's grid for ``num_inference_steps``, or ``config.sampling_schedule``'s, or custom
         ``timesteps`` / ``sigmas`` (as in ``VPDiscreteScheduler.set_timesteps``); shifted entries are written during
         sampling."""
-        if timesteps is not None or sigmas is not None or self.config.sampling_schedule is not None:
+        if timesteps is not None or sigmas is not None or self._sampling_levels() is not None:
             super().set_timesteps(num_inference_steps, device, timesteps, sigmas)
             return
         check_num_inference_steps(num_inference_steps, self.config.num_train_timesteps)

@@ -48,7 +48,7 @@ def test_first_order_ode_is_ddim(prediction_type):
         return pipe(batch_size=64, num_inference_steps=12, generator=seeded(), ).samples
 
     config = dict(SD_SCHEDULER_CONFIG, prediction_type=prediction_type)
-    ours = ERSDESolverScheduler.from_config(config, noise_scale="ode", solver_order=1)
+    ours = ERSDESolverScheduler.from_config(config, noise_scale="ode", solver_order=1, sampling_schedule=None)
     stock = DPMSolverMultistepScheduler.from_config(config, solver_order=1, algorithm_type="dpmsolver++")
     assert torch.allclose(sample(ours), sample(stock), atol=1e-5)
 

@@ -6,14 +6,24 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_oracle
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, PNDMScheduler
 from diffusers.schedulers import AysSchedules
+from tiny_pipelines import stable_diffusion_inputs, tiny_sdxl, tiny_stable_diffusion
 
 from diffusers_ext.schedulers import ERSDESolverScheduler, TimeShiftScheduler
+from diffusers_ext.schedulers.sampling_schedules import NAMED_SCHEDULES, default_schedule_name
 from diffusers_ext.testing import GaussianMixtureSamplingPipeline
 from diffusers_ext.testing.sampler_accuracy import SD_SCHEDULER_CONFIG
 
 VP_SCHEDULERS = [ERSDESolverScheduler, TimeShiftScheduler]
+# SDXL base 1.0's scheduler_config.json: the same training schedule as SD 1.x under another sampler.
+SDXL_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0,
+    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading",
+    "trained_betas": None, "use_karras_sigmas": False,
+}
+SPACED_SD = {**SD_SCHEDULER_CONFIG, "sampling_schedule": None}  # grids from timestep_spacing, not a named schedule
 
 
 @pytest.mark.parametrize("scheduler_class", VP_SCHEDULERS)
@@ -89,7 +99,7 @@ def test_diffusers_ays_tables_are_accepted_as_they_are(scheduler_class, table):
         ({"sampling_schedule": [14.0, 0.02]}, r"range of noise levels"),
         ({"sampling_schedule": [1.0, 2.0]}, "strictly decreasing"),
         ({"sampling_schedule": [1.0]}, "at least two"),
-        ({"sampling_schedule": "karras"}, "must be one of"),
+        ({"sampling_schedule": "karras"}, "must be .auto., one of"),
         ({"sampling_schedule": "ays", "beta_schedule": "linear"}, "made for the training schedule"),
     ],
 )
@@ -118,10 +128,10 @@ def test_config_saved_under_the_old_key_still_loads(tmp_path):
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: ERSDESolverScheduler.from_config(SD_SCHEDULER_CONFIG),
-        lambda: ERSDESolverScheduler.from_config(SD_SCHEDULER_CONFIG, timestep_spacing="leading"),
-        lambda: TimeShiftScheduler.from_config(SD_SCHEDULER_CONFIG, base_scheduler="dpmsolver++"),
-        lambda: TimeShiftScheduler.from_config(SD_SCHEDULER_CONFIG),
+        lambda: ERSDESolverScheduler.from_config(SPACED_SD),
+        lambda: ERSDESolverScheduler.from_config(SPACED_SD, timestep_spacing="leading"),
+        lambda: TimeShiftScheduler.from_config(SPACED_SD, base_scheduler="dpmsolver++"),
+        lambda: TimeShiftScheduler.from_config(SPACED_SD),
     ],
     ids=["er_sde_linspace", "er_sde_leading", "time_shift_dpm", "time_shift_ddim"],
 )
@@ -135,3 +145,33 @@ def test_as_many_steps_as_training_timesteps_sample_every_timestep_without_nan(m
     pipe.set_progress_bar_config(disable=True)
     samples = pipe(batch_size=8, num_inference_steps=1000, generator=torch.Generator().manual_seed(0)).samples
     assert torch.isfinite(samples).all()
+
+
+@pytest.mark.parametrize("scheduler_class", VP_SCHEDULERS)
+@pytest.mark.parametrize("make_pipeline", [tiny_stable_diffusion, tiny_sdxl], ids=["sd", "sdxl"])
+def test_the_default_schedule_is_chosen_from_the_pipelines_config_and_sampled(scheduler_class, make_pipeline):
+    """Swapped into a stock pipeline whose config has Stable Diffusion's training schedule (SD 1.x's PNDM config,
+    SDXL's Euler config), the scheduler samples the default named schedule: the UNet is called at its timesteps."""
+    stock = PNDMScheduler.from_config(SD_SCHEDULER_CONFIG) if make_pipeline is tiny_stable_diffusion \
+        else EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG)
+    pipe = make_pipeline(stock)
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, window_size=0) \
+        if scheduler_class is TimeShiftScheduler else scheduler_class.from_config(pipe.scheduler.config)
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(float(args[1])))
+    inputs = stable_diffusion_inputs(guidance_scale=1.0) if make_pipeline is tiny_stable_diffusion else \
+        {"prompt": "a photo", "height": 16, "width": 16, "guidance_scale": 1.0, "output_type": "latent"}
+    pipe(**inputs | {"num_inference_steps": 10})
+    default = NAMED_SCHEDULES[default_schedule_name(pipe.scheduler.config)].noise_levels
+    reference = ERSDESolverScheduler.from_config(SD_SCHEDULER_CONFIG, sampling_schedule=list(default))
+    reference.set_timesteps(10)
+    assert calls == pytest.approx(reference.timesteps.tolist(), abs=1e-3)
+    assert default_schedule_name(DDPMScheduler().config) is None
+
+
+def test_other_training_schedules_keep_the_spaced_grid():
+    ours = ERSDESolverScheduler.from_config(DDPMScheduler().config)
+    spaced = ERSDESolverScheduler.from_config(DDPMScheduler().config, sampling_schedule=None)
+    ours.set_timesteps(10)
+    spaced.set_timesteps(10)
+    assert ours.timesteps.tolist() == spaced.timesteps.tolist()

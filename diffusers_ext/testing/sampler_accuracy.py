@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import math
+import statistics
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -247,26 +248,48 @@ def measure_sampler_accuracy(
     return report
 
 
+@dataclass
+class LawYardstick:
+    """What every sampler on one law is measured with: the starting noise (the same for all), the sliced W2 to a
+    large exact sample and its noise floor (what exact samples of the same size score)."""
+
+    noise: torch.Tensor
+    distance_to_law: SlicedWasserstein2
+    floor: float
+    truth: torch.Tensor
+
+
+def law_yardstick(law: GaussianMixture, sample_shape: tuple[int, ...], num_samples: int, seed: int) -> LawYardstick:
+    noise = torch.randn(num_samples, *sample_shape, generator=torch.Generator().manual_seed(seed))
+    truth = law.sample(16 * num_samples, torch.Generator().manual_seed(seed + 1))
+    distance_to_law = SlicedWasserstein2(truth, num_samples)
+    floor = sliced_wasserstein2_noise_floor(law, distance_to_law, seed=seed + 2).mean
+    return LawYardstick(noise=noise, distance_to_law=distance_to_law, floor=floor, truth=truth[:num_samples])
+
+
+def _sampling_pipeline(law: GaussianMixture, scheduler) -> GaussianMixtureSamplingPipeline:
+    pipe = GaussianMixtureSamplingPipeline(unet=oracle_for(law, scheduler.config), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _measure_one(report, references, scheduler_class, name, dim, nfes, num_samples, seed) -> None:
     if isinstance(scheduler_class, type):
         scheduler, path = scheduler_from_pipeline_config(scheduler_class)
     else:  # an already configured scheduler (e.g. with an optimised schedule)
         scheduler, path = scheduler_class, noise_path_from_scheduler_config(scheduler_class.config)
     law = benchmark_mixture(dim)
-    oracle = oracle_for(law, scheduler.config)
-    pipe = GaussianMixtureSamplingPipeline(unet=oracle, scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    noise = torch.randn(num_samples, *oracle.sample_shape, generator=torch.Generator().manual_seed(seed))
+    pipe = _sampling_pipeline(law, scheduler)
     if (dim, path) not in references:
-        truth = law.sample(16 * num_samples, torch.Generator().manual_seed(seed + 1))
-        distance_to_law = SlicedWasserstein2(truth, num_samples)
-        reference = probability_flow_ode_solution(oracle, noise, rtol=1e-8, atol=1e-8)
-        references[dim, path] = reference, distance_to_law
-        report.floors[dim, path] = sliced_wasserstein2_noise_floor(law, distance_to_law, seed=seed + 2).mean
-        report.ode_limits[dim, path] = distance_to_law(reference)
+        yardstick = law_yardstick(law, pipe.unet.sample_shape, num_samples, seed)
+        reference = probability_flow_ode_solution(pipe.unet, yardstick.noise, rtol=1e-8, atol=1e-8)
+        references[dim, path] = reference, yardstick
+        report.floors[dim, path] = yardstick.floor
+        report.ode_limits[dim, path] = yardstick.distance_to_law(reference)
         if dim == 2:
-            report.truth_2d[path] = truth[:num_samples]
-    reference, distance_to_law = references[dim, path]
+            report.truth_2d[path] = yardstick.truth
+    reference, yardstick = references[dim, path]
+    noise, distance_to_law = yardstick.noise, yardstick.distance_to_law
     floor, ode_limit = report.floors[dim, path], report.ode_limits[dim, path]
     for nfe in nfes:
         steps, calls = steps_for_budget(pipe, nfe)
@@ -333,3 +356,176 @@ def plot_samples_2d(report: AccuracyReport, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def law_family(seed: int = 0) -> dict[str, GaussianMixture]:
+    """Eight Gaussian-mixture laws that differ in what makes sampling hard, in 2 to 256 dimensions, each scaled to
+    roughly unit variance per coordinate (as VAE latents are): the sampler comparison's family.
+
+    The structure of each law is fixed; ``seed`` draws its means, variances, rotations and weights, so that a
+    schedule fitted on one seed's family is evaluated on another's.
+
+    - ``ring-2d``: 8 narrow components (variance 0.01) on a circle, unequal weights.
+    - ``blobs-8d``: 4 well-separated isotropic components (means 2 N(0, I), variance 0.05), equal weights.
+    - ``overlap-16d``: 10 overlapping components (means 0.6 N(0, I), diagonal variances in [0.2, 0.5]).
+    - ``aniso-64d``: 6 components with diagonal variances in [0.02, 0.32] (the 64-D benchmark law's structure).
+    - ``low-rank-64d``: 5 components whose full covariances have eigenvalues from 1 down to 1e-3 (data near
+      low-dimensional subspaces, as images are).
+    - ``many-128d``: 32 components of variance 0.1 with Zipf weights (1/k): many rare modes.
+    - ``sharp-256d``: 3 nearly deterministic components (variance 1e-3).
+    - ``broad-256d``: 2 broad, barely separated components (variance 0.9): almost Gaussian.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    def uniform(low, high, *shape):
+        return low + (high - low) * torch.rand(*shape, generator=generator, dtype=torch.float64)
+
+    def dirichlet(count):
+        weights = -torch.rand(count, generator=generator, dtype=torch.float64).log()
+        return weights / weights.sum()
+
+    def zipf(count):
+        weights = 1.0 / torch.arange(1, count + 1, dtype=torch.float64)
+        return (weights / weights.sum())[torch.randperm(count, generator=generator)]
+
+    def rotated_spectrum(count, dim, spectrum):
+        rotations = torch.linalg.qr(normal(count, dim, dim)).Q
+        return rotations @ torch.diag_embed(spectrum.expand(count, dim)) @ rotations.transpose(1, 2)
+
+    angles = uniform(0, 2 * math.pi, 1) + torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
+    return {
+        "ring-2d": GaussianMixture(1.4 * torch.stack([angles.cos(), angles.sin()], 1), torch.full((8,), 0.01),
+                                   zipf(8)),
+        "blobs-8d": GaussianMixture(2 * normal(4, 8) / math.sqrt(5), torch.full((4,), 0.05), None),
+        "overlap-16d": GaussianMixture(0.6 * normal(10, 16), uniform(0.2, 0.5, 10, 16), dirichlet(10)),
+        "aniso-64d": GaussianMixture(normal(6, 64), uniform(0.02, 0.32, 6, 64), dirichlet(6)),
+        "low-rank-64d": GaussianMixture(normal(5, 64) * 0.8, rotated_spectrum(5, 64, torch.logspace(0, -3, 64, dtype=torch.float64)),
+                                        dirichlet(5)),
+        "many-128d": GaussianMixture(normal(32, 128), torch.full((32,), 0.1), zipf(32)),
+        "sharp-256d": GaussianMixture(normal(3, 256), torch.full((3,), 1e-3), dirichlet(3)),
+        "broad-256d": GaussianMixture(0.3 * normal(2, 256), torch.full((2,), 0.9), dirichlet(2)),
+    }
+
+
+@dataclass
+class FamilyRow:
+    """One sampler on one law of the family at one NFE budget (``nfe``: the budget; ``calls``: denoiser calls
+    made)."""
+
+    sampler: str
+    law: str
+    path: str
+    nfe: int
+    calls: int
+    steps: int
+    sw2: float
+    sw2_floor: float
+
+    @property
+    def sw2_excess(self) -> float:
+        return self.sw2 - self.sw2_floor
+
+
+@dataclass
+class FamilyReport:
+    """Rows of ``measure_law_family``; ``builtins``: the samplers that are diffusers' own (the yardstick)."""
+
+    rows: list[FamilyRow]
+    builtins: list[str]
+
+    def ratios(self, sampler: str, nfe: int, reference: str | None = None) -> dict[tuple[str, str], float]:
+        """Per (law, path): the sampler's excess sliced W2 over the noise floor divided by that of ``reference``
+        (``None``: the best built-in on that law, path and budget)."""
+        ratios = {}
+        for row in self.rows:
+            if row.sampler != sampler or row.nfe != nfe:
+                continue
+            peers = [r for r in self.rows if (r.law, r.path, r.nfe) == (row.law, row.path, nfe)
+                     and (r.sampler == reference if reference else r.sampler in self.builtins)]
+            if peers:
+                ratios[row.law, row.path] = row.sw2_excess / min(r.sw2_excess for r in peers)
+        return ratios
+
+    def summary(self, reference: str | None = None) -> list[tuple[str, str, int, float, float]]:
+        """``(sampler, path, nfe, median ratio, worst ratio)`` over the family (see ``ratios``)."""
+        lines = []
+        for sampler in dict.fromkeys(r.sampler for r in self.rows):
+            path = next(r.path for r in self.rows if r.sampler == sampler)
+            for nfe in sorted({r.nfe for r in self.rows}):
+                values = list(self.ratios(sampler, nfe, reference).values())
+                if values:
+                    lines.append((sampler, path, nfe, statistics.median(values), max(values)))
+        return lines
+
+    def summary_table(self, reference: str | None = None) -> str:
+        against = reference or "the best built-in"
+        header = f"{'sampler':<34}{'path':>5}{'NFE':>5}{'median':>9}{'worst':>9}"
+        lines = [f"excess sliced W2 over the noise floor, as a ratio to {against} on each law "
+                 f"({len({(r.law, r.path) for r in self.rows})} law-path pairs); below 1: better", header,
+                 "-" * len(header)]
+        for sampler, path, nfe, median, worst in self.summary(reference):
+            mark = "  (built-in)" if sampler in self.builtins else ""
+            lines.append(f"{sampler:<34}{path:>5}{nfe:>5}{median:>9.2f}{worst:>9.2f}{mark}")
+        return "\n".join(lines)
+
+    def table(self) -> str:
+        header = f"{'sampler':<34}{'law':<14}{'path':>5}{'NFE':>5}{'calls':>6}{'SW2':>9}{'floor':>9}{'excess':>9}"
+        lines = [header, "-" * len(header)]
+        for r in self.rows:
+            lines.append(f"{r.sampler:<34}{r.law:<14}{r.path:>5}{r.nfe:>5}{r.calls:>6}{r.sw2:>9.4f}"
+                         f"{r.sw2_floor:>9.4f}{r.sw2_excess:>9.4f}")
+        return "\n".join(lines)
+
+    def write_csv(self, path: str | Path) -> None:
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=[*asdict(self.rows[0]), "sw2_excess"])
+            writer.writeheader()
+            writer.writerows({**asdict(r), "sw2_excess": r.sw2_excess} for r in self.rows)
+
+
+def measure_law_family(
+    samplers: Mapping[str, object],
+    laws: Mapping[str, GaussianMixture] | None = None,
+    nfes: Iterable[int] = (5, 10),
+    num_samples: int = 4096,
+    seed: int = 0,
+    progress: bool = True,
+) -> FamilyReport:
+    """Sample every law of ``laws`` (default: ``law_family()``) with every sampler at every NFE budget, from the
+    same noise, and measure the excess sliced W2 over the noise floor.
+
+    A sampler is a scheduler class (built from SD 1.x's config, or SD3's for flow matching) or a configured
+    instance; it runs on the laws under its own noise path (VP or rectified flow). diffusers' scheduler classes,
+    given as classes (so with their defaults), are the built-ins: the yardstick of ``FamilyReport.ratios``.
+    """
+    laws = dict(laws or law_family())
+    nfes = sorted(nfes)
+    schedulers = {}
+    for name, spec in samplers.items():
+        schedulers[name] = scheduler_from_pipeline_config(spec)[0] if isinstance(spec, type) else spec
+    report = FamilyReport(rows=[], builtins=[n for n, spec in samplers.items()
+                                             if isinstance(spec, type) and spec.__module__.startswith("diffusers.")])
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        jobs = [(law_name, name) for law_name in laws for name in schedulers]
+        yardsticks = {}
+        for law_name, name in tqdm(jobs, desc="law family", disable=not progress):
+            law, scheduler = laws[law_name], schedulers[name]
+            path = noise_path_from_scheduler_config(scheduler.config)
+            pipe = _sampling_pipeline(law, scheduler)
+            if (law_name, path) not in yardsticks:
+                yardsticks[law_name, path] = law_yardstick(law, pipe.unet.sample_shape, num_samples, seed)
+            yardstick = yardsticks[law_name, path]
+            for nfe in nfes:
+                steps, calls = steps_for_budget(pipe, nfe)
+                samples = pipe(batch_size=num_samples, num_inference_steps=steps, latents=yardstick.noise.clone(),
+                               generator=torch.Generator().manual_seed(seed + 3)).samples
+                report.rows.append(FamilyRow(sampler=name, law=law_name, path=path, nfe=nfe, calls=calls, steps=steps,
+                                             sw2=yardstick.distance_to_law(samples), sw2_floor=yardstick.floor))
+    finally:
+        logging.set_verbosity(verbosity)
+    return report
