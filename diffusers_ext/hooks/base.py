@@ -18,6 +18,7 @@ unconditional calls) and the input's shape.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -191,6 +192,22 @@ def map_tensors(function: Callable[[torch.Tensor], torch.Tensor], value: Any) ->
     return value
 
 
+# Registries that speed hooks created (a module that had none before its first speed hook), so that the last hook's
+# removal can delete them again.
+CREATED_REGISTRIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def forget_empty_registry(module: torch.nn.Module, registry: HookRegistry) -> None:
+    """Once ``module``'s hooks are all removed: drop the instance ``forward`` removal leaves behind when it is the
+    module's own bound method, and the registry when a speed hook created it."""
+    forward = vars(module).get("forward")
+    if getattr(forward, "__self__", None) is module and getattr(forward, "__func__", None) is type(module).forward:
+        del module.forward
+    if CREATED_REGISTRIES.get(module) is registry and getattr(module, "_diffusers_hook", None) is registry:
+        del module._diffusers_hook
+        del CREATED_REGISTRIES[module]
+
+
 def invalidate_registry_caches(pipeline: Any) -> None:
     """Make diffusers' hook registries re-read which sub-modules carry hooks (``_set_cache_context`` walks a cached
     list), after hooks were added to or removed from the pipeline's models."""
@@ -283,9 +300,9 @@ class SpeedHook(ConfigMixin):
 
     def _register_hook(self, module: torch.nn.Module, hook: ModelHook) -> None:
         """Register ``hook`` on ``module`` (outermost) until ``detach``."""
-        had_registry = hasattr(module, "_diffusers_hook")
-        had_forward = "forward" in vars(module)
-        registry = HookRegistry.check_if_exists_or_initialize(module)
+        if not hasattr(module, "_diffusers_hook"):
+            CREATED_REGISTRIES[module] = HookRegistry.check_if_exists_or_initialize(module)
+        registry = module._diffusers_hook
         if registry.get_hook(self.hook_name) is not None:
             raise ValueError(f"a {type(self).__name__} is already attached to this {type(module).__name__}; "
                              "detach it first")
@@ -293,13 +310,8 @@ class SpeedHook(ConfigMixin):
 
         def remove() -> None:
             registry.remove_hook(self.hook_name, recurse=False)
-            if registry.hooks:
-                return
-            if not had_forward:
-                # What removing the last hook leaves behind: the bound method, set as an instance attribute.
-                vars(module).pop("forward", None)
-            if not had_registry and getattr(module, "_diffusers_hook", None) is registry:
-                del module._diffusers_hook
+            if not registry.hooks:
+                forget_empty_registry(module, registry)
 
         self._on_detach(remove)
 
