@@ -91,9 +91,11 @@ class ERSDESolverScheduler(VPDiscreteScheduler):
     """ER-SDE-Solver 1/2/3 for VP models (epsilon, sample or v prediction): a drop-in for SD 1.x / 2.x / SDXL,
     ``pipe.scheduler = ERSDESolverScheduler.from_config(pipe.scheduler.config)``.
 
-    Each step costs one model call. Steps are spaced as in ``DPMSolverMultistepScheduler`` (``timestep_spacing``),
-    or set by ``set_timesteps(timesteps=...)`` / ``set_timesteps(sigmas=...)`` (noise levels ``rho = sigma / alpha``),
-    and the last one lands on ``rho = 0`` (``final_sigmas_type="zero"``) or on timestep 0 (``"sigma_min"``).
+    Each step costs one model call. Steps follow ``sampling_schedule`` (by default, on Stable Diffusion's training
+    schedule, Align Your Steps' table), else they are spaced as in ``DPMSolverMultistepScheduler``
+    (``timestep_spacing``), or set by ``set_timesteps(timesteps=...)`` / ``set_timesteps(sigmas=...)`` (noise levels
+    ``rho = sigma / alpha``); the last one lands on ``rho = 0`` (``final_sigmas_type="zero"``) or on timestep 0
+    (``"sigma_min"``).
 
     Args:
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr:

@@ -16,9 +16,10 @@ The model is called at ``t_s``; the update still lands on the base sampler's nex
     DPM-Solver++ 2M: D = x0_s + (x0_s - x0_prev) / (2 r),   r = (lambda_s - lambda_prev) / (lambda_next - lambda_s),
                      lambda = -log(rho), first order on the first step and on a final step to rho = 0
 
-with the history at the shifted times, as in the authors' DPM-Solver code. The grid (spacing, offsets, final noise
-level) is the stock base scheduler's own: ``window_size=0`` reproduces ``DDIMScheduler`` /
-``DPMSolverMultistepScheduler`` step for step.
+with the history at the shifted times, as in the authors' DPM-Solver code. The grid is the default
+``sampling_schedule`` (on Stable Diffusion's training schedule, Align Your Steps' table: see
+``sampling_schedules``), or with ``sampling_schedule=None`` the stock base scheduler's own (spacing, offsets, final
+noise level), where ``window_size=0`` reproduces ``DDIMScheduler`` / ``DPMSolverMultistepScheduler`` step for step.
 
 How the model gets ``t_s``: stock pipelines loop over the scheduler's own ``timesteps`` tensor, so the shifted
 timestep is written into ``self.timesteps[i + 1]`` before the pipeline reads it. ``step`` always treats the
