@@ -65,11 +65,13 @@ def variance_matched_timestep(variance: float, alphas_cumprod: torch.Tensor, cen
 
 
 class TimeShiftScheduler(VPDiscreteScheduler):
-    """Time-Shift Sampler around a stock base sampler: ``TimeShiftScheduler.from_config(pipe.scheduler.config,
-    base_scheduler="dpmsolver++")``. One model call per step.
+    """Time-Shift Sampler around a stock base sampler: ``TimeShiftScheduler.from_config(pipe.scheduler.config)``.
+    One model call per step.
 
     Args:
-        base_scheduler: ``"ddim"`` or ``"dpmsolver++"`` (2M, midpoint form; diffusers' default DPM-Solver).
+        base_scheduler: ``"dpmsolver++"`` (default; 2M, midpoint form, diffusers' default DPM-Solver) or ``"ddim"``.
+            On the oracle family (``benchmarks/fast_samplers.py``) the DPM-Solver++ base has about half DDIM's
+            error at NFE 5 and 10.
         window_size: width of the search window in training timesteps (0 turns shifting off).
         cutoff_timestep: shift only while the next timestep is above this.
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr,
@@ -83,7 +85,7 @@ class TimeShiftScheduler(VPDiscreteScheduler):
     @register_to_config
     def __init__(
         self,
-        base_scheduler: str = "ddim",
+        base_scheduler: str = "dpmsolver++",
         window_size: int = 30,
         cutoff_timestep: int = 300,
         num_train_timesteps: int = 1000,
