@@ -186,7 +186,9 @@ def optimize_timesteps(
         num_inference_steps: model calls of the schedule.
         method: ``"ays"`` (VP only; needs ``data``: clean samples, e.g. VAE latents) or ``"ld3"`` (needs ``noise``:
             starting samples ``x_T``; LD3 uses about 100).
-        teacher_steps: steps of LD3's teacher run.
+        teacher_steps: steps of LD3's teacher run, which is the scheduler itself at that many steps. A scheduler
+            whose settings suit few steps only makes a poor teacher: fitted to TimeShift's 200-step run (its window
+            made for 10-20 steps), a 10-step schedule was 4.6x worse than DEIS on the held-out oracle family.
         num_candidates, max_sweeps: the coordinate search.
         num_quadrature_nodes: AYS's integration nodes per interval.
         mu: for flow schedulers with dynamic shifting, the pipeline's ``mu``.
@@ -251,13 +253,14 @@ def _distance_to_teacher(run, teacher: torch.Tensor):
     return lambda levels: float((run(levels[:-1]) - teacher).pow(2).mean())
 
 
-def _relative_mean(objectives, initial: np.ndarray, local: bool):
-    """The mean of ``objectives`` each divided by its value on ``initial`` (for a ``local`` objective, a sum over
-    intervals, the sum of its intervals), so that every model weighs the same."""
-    def total(objective, levels):
-        return sum(objective(levels[i : i + 2]) for i in range(len(levels) - 1)) if local else objective(levels)
+def _total(objective, levels: np.ndarray, local: bool) -> float:
+    """The objective of a whole schedule; a ``local`` one is a sum over its intervals."""
+    return float(sum(objective(levels[i : i + 2]) for i in range(len(levels) - 1)) if local else objective(levels))
 
-    scales = [total(objective, initial) for objective in objectives]
+
+def _relative_mean(objectives, initial: np.ndarray, local: bool):
+    """The mean of ``objectives`` each divided by its value on ``initial``, so that every model weighs the same."""
+    scales = [_total(objective, initial, local) for objective in objectives]
     return lambda levels: sum(o(levels) / s for o, s in zip(objectives, scales, strict=True)) / len(objectives)
 
 
@@ -281,7 +284,7 @@ def _coordinate_search(objective, levels: np.ndarray, num_candidates: int, max_s
     """AYS Algorithm 1 on ``log(levels)``; ``local``: the objective is a sum over intervals (only the two intervals
     around a point change when it moves)."""
     levels = levels.copy()
-    history = [objective(levels) if not local else sum(objective(levels[i : i + 2]) for i in range(len(levels) - 1))]
+    history = [_total(objective, levels, local)]
     for _ in tqdm(range(max_sweeps), desc="optimize_timesteps", disable=not progress):
         changed = False
         for i in range(1, len(levels) - 1):
@@ -297,7 +300,7 @@ def _coordinate_search(objective, levels: np.ndarray, num_candidates: int, max_s
             if best != len(candidates) - 1 and scores[best] < scores[-1]:
                 levels[i] = candidates[best]
                 changed = True
-        history.append(objective(levels) if not local else sum(objective(levels[i : i + 2]) for i in range(len(levels) - 1)))
+        history.append(_total(objective, levels, local))
         if not changed:
             break
     return levels, history
