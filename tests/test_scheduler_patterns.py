@@ -40,11 +40,14 @@ from diffusers_ext.testing.sampler_accuracy import SD3_SCHEDULER_CONFIG, SD_SCHE
 
 STRENGTHS = (0.3, 0.5, 0.6, 0.8, 0.9)
 
-# Each of ours next to the stock scheduler whose grid it shares, built from the same config.
+# Each of ours next to the stock scheduler whose grid it shares, built from the same config; sampling on the stock
+# spacing (sampling_schedule=None) rather than the default named schedule, so that the grids agree.
 VP_PAIRS = {
-    "er_sde": (ERSDESolverScheduler, DPMSolverMultistepScheduler, {}),
-    "time_shift_ddim": (TimeShiftScheduler, DDIMScheduler, {"window_size": 40}),
-    "time_shift_dpm": (TimeShiftScheduler, DPMSolverMultistepScheduler, {"base_scheduler": "dpmsolver++"}),
+    "er_sde": (ERSDESolverScheduler, DPMSolverMultistepScheduler, {"sampling_schedule": None}),
+    "time_shift_ddim": (TimeShiftScheduler, DDIMScheduler,
+                        {"base_scheduler": "ddim", "window_size": 40, "sampling_schedule": None}),
+    "time_shift_dpm": (TimeShiftScheduler, DPMSolverMultistepScheduler,
+                       {"base_scheduler": "dpmsolver++", "sampling_schedule": None}),
 }
 
 
@@ -89,6 +92,19 @@ def test_vp_img2img_starts_where_the_stock_scheduler_starts(name):
         assert pipe.scheduler.step_index == len(pipe.scheduler.timesteps)
 
 
+@pytest.mark.parametrize("scheduler_class", [ERSDESolverScheduler, TimeShiftScheduler])
+def test_img2img_on_the_default_schedule_starts_where_diffusers_get_timesteps_points(scheduler_class):
+    """With its default (a named schedule on SD's config) the run starts at the grid entry SD img2img's
+    ``get_timesteps`` picks, ``n - int(n * strength)``, and takes the steps after it."""
+    pipe = StableDiffusionImg2ImgPipeline.from_pipe(tiny_stable_diffusion(scheduler_class.from_config(SD_SCHEDULER_CONFIG)))
+    for strength in STRENGTHS:
+        inputs = stable_diffusion_inputs(image=torch.rand(1, 3, 8, 8), strength=strength, num_inference_steps=7)
+        del inputs["height"], inputs["width"]
+        calls = denoiser_timesteps(pipe, lambda: pipe(**inputs))  # noqa: B023
+        begin = 7 - int(7 * strength)
+        assert calls[0] == float(pipe.scheduler.timesteps[begin]) and len(calls) == 7 - begin
+
+
 def test_er_sde_in_sdxl_img2img_starts_where_dpm_solver_starts():
     pipe = StableDiffusionXLImg2ImgPipeline.from_pipe(tiny_sdxl(DDIMScheduler.from_config(SD_SCHEDULER_CONFIG)))
     for strength in STRENGTHS:
@@ -96,7 +112,7 @@ def test_er_sde_in_sdxl_img2img_starts_where_dpm_solver_starts():
                       output_type="np", generator=torch.Generator().manual_seed(0))
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(SD_SCHEDULER_CONFIG)
         stock = denoiser_timesteps(pipe, lambda: pipe(**inputs))  # noqa: B023
-        pipe.scheduler = ERSDESolverScheduler.from_config(SD_SCHEDULER_CONFIG)
+        pipe.scheduler = ERSDESolverScheduler.from_config(SD_SCHEDULER_CONFIG, sampling_schedule=None)
         ours = denoiser_timesteps(pipe, lambda: pipe(**inputs))  # noqa: B023
         assert_starts_like_the_stock_scheduler(ours, stock, 1)
 
