@@ -11,8 +11,9 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_processor import AttnProcessor2_0, JointAttnProcessor2_0
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
+from ..guidance.steering import check_positive_int
 from .attention import flux_attention, joint_attention, self_attention
-from .base import CallbackHook, SpeedHook, check_denoiser_type, check_positive_int, pipeline_denoiser
+from .base import CallbackHook, SpeedHook, check_denoiser_type, pipeline_denoiser
 from .module_reuse import denoiser_sample
 
 

@@ -29,7 +29,7 @@ from diffusers.configuration_utils import ConfigMixin
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-DENOISER_NAMES = ("unet", "transformer")
+from ..guidance.steering import DENOISER_NAMES
 
 
 def pipeline_denoiser(pipeline: Any, owner: str) -> tuple[str, torch.nn.Module]:
@@ -64,12 +64,6 @@ def check_step_indices(values: Any, name: str) -> list[int]:
     if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
         raise ValueError(f"{name} must be a list of non-negative step indices, got {values!r}")
     return sorted(set(values))
-
-
-def check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def scaled_step_indices(indices: list[int], reference_steps: int, num_steps: int | None) -> set[int]:

@@ -8,13 +8,13 @@ import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.configuration_utils import register_to_config
 
+from ..guidance.steering import check_positive_int
 from .base import (
     CallbackHook,
     ClockReading,
     DenoisingClock,
     SpeedHook,
     check_denoiser_type,
-    check_positive_int,
     check_step_indices,
     pipeline_denoiser,
     scaled_step_indices,

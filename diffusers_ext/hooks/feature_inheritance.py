@@ -6,7 +6,8 @@ from typing import Any
 
 from diffusers.configuration_utils import register_to_config
 
-from .base import ClockReading, DenoisingClock, SpeedHook, check_positive_int, pipeline_denoiser
+from ..guidance.steering import check_positive_int
+from .base import ClockReading, DenoisingClock, SpeedHook, pipeline_denoiser
 from .module_reuse import ModuleReuse
 
 

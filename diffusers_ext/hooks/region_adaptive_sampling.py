@@ -11,6 +11,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
+from ..guidance.steering import check_non_negative, check_positive_int
 from .attention import flux_attention, joint_attention
 from .base import (
     CallbackHook,
@@ -19,7 +20,6 @@ from .base import (
     SpeedHook,
     check_denoiser_type,
     check_fraction,
-    check_positive_int,
     check_step_indices,
     pipeline_denoiser,
     scaled_step_indices,
@@ -111,8 +111,7 @@ class RegionAdaptiveSampling(SpeedHook):
                              f"{start_step!r}")
         self.error_reset_steps = check_step_indices(error_reset_steps, "error_reset_steps")
         check_positive_int(reference_steps, "reference_steps")
-        if isinstance(starvation_scale, bool) or not isinstance(starvation_scale, int | float) or starvation_scale < 0:
-            raise ValueError(f"starvation_scale must be a non-negative number, got {starvation_scale!r}")
+        check_non_negative(starvation_scale, "starvation_scale")
         check_fraction(high_ratio, "high_ratio")
         self.calls = {"full": 0, "partial": 0}
         self.computed_tokens = 0  # image tokens through the transformer, summed over calls (per batch row)

@@ -21,7 +21,8 @@ from ..diffusion_math import (
     vp_alpha_sigma,
     x0_and_eps_from_prediction,
 )
-from .base import SpeedHook, check_fraction, check_positive_int
+from ..guidance.steering import check_positive_int
+from .base import SpeedHook, check_fraction
 
 GUIDANCE_TYPES = ("none", "full", "self", "initialize")
 

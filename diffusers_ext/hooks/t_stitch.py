@@ -12,8 +12,9 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
+from ..guidance.steering import check_positive_int
 from ..testing.gaussian_mixture import GaussianMixture
-from .base import CallbackHook, DenoisingClock, SpeedHook, check_fraction, check_positive_int, pipeline_denoiser
+from .base import CallbackHook, DenoisingClock, SpeedHook, check_fraction, pipeline_denoiser
 from .module_reuse import denoiser_sample, stream_key
 
 InputMap = Callable[..., dict[str, Any]]
