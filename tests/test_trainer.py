@@ -62,7 +62,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(corpus, tmp_path):
     uninterrupted = Trainer(objective(tokenizer), tiny_bert(len(tokenizer)).train(), train,
                             TrainingConfig(output_dir=str(tmp_path / "a"), max_steps=8, **common)).train()
     Trainer(objective(tokenizer), tiny_bert(len(tokenizer)).train(), train,
-            TrainingConfig(output_dir=str(tmp_path / "b"), max_steps=4, **common)).train()  # "killed" after step 4
+            TrainingConfig(output_dir=str(tmp_path / "b"), max_steps=3, **common)).train()  # stopped after step 3
     assert latest_checkpoint(tmp_path / "b").name == "checkpoint-3"
     resumed = Trainer(objective(tokenizer), tiny_bert(len(tokenizer)).train(), train,
                       TrainingConfig(output_dir=str(tmp_path / "b"), max_steps=8, resume_from="latest", **common))
