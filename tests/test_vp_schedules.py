@@ -175,3 +175,12 @@ def test_other_training_schedules_keep_the_spaced_grid():
     ours.set_timesteps(10)
     spaced.set_timesteps(10)
     assert ours.timesteps.tolist() == spaced.timesteps.tolist()
+
+
+@pytest.mark.parametrize("name", sorted(NAMED_SCHEDULES))
+def test_named_schedules_are_sampled_as_stored(name):
+    scheduler = ERSDESolverScheduler.from_config(SD_SCHEDULER_CONFIG, sampling_schedule=name)
+    levels = NAMED_SCHEDULES[name].noise_levels
+    scheduler.set_timesteps(len(levels))
+    np.testing.assert_allclose(scheduler.sigmas[:-1].numpy(), levels, rtol=1e-4)
+    assert (scheduler.timesteps[1:] < scheduler.timesteps[:-1]).all()
