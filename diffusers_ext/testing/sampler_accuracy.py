@@ -463,8 +463,8 @@ class FamilyReport:
     def summary_table(self, reference: str | None = None) -> str:
         against = reference or "the best built-in"
         header = f"{'sampler':<34}{'path':>5}{'NFE':>5}{'median':>9}{'worst':>9}"
-        lines = [f"excess sliced W2 over the noise floor, as a ratio to {against} on each law "
-                 f"({len({(r.law, r.path) for r in self.rows})} law-path pairs); below 1: better", header,
+        lines = [f"excess sliced W2 over the noise floor, as a ratio to {against} on each of the "
+                 f"{len({r.law for r in self.rows})} laws (under the sampler's noise path); below 1: better", header,
                  "-" * len(header)]
         for sampler, path, nfe, median, worst in self.summary(reference):
             mark = "  (built-in)" if sampler in self.builtins else ""
