@@ -25,6 +25,11 @@ at the papers' settings, which take an hour each here):
   naive loop): frames per second, UNet calls per frame.
 - ``oracle``: T-Stitch on the exact oracles: the large model is exact for the benchmark mixture, the small one exact
   for a coarser law; sliced W2 excess, raw sliced W2 and mixture-weight error against the stitching fraction.
+- ``calls`` (not in the default run): Faster Diffusion's decoder-only calls on the SD 1.5 UNet and RAS's partial
+  calls on the SD3-shaped transformer against full calls, alternating (``--call-latent-size``, default 64, and
+  ``--call-repeats`` pairs), and the speed-up of the papers' schedules projected from them (50 DDIM steps with 9 key
+  steps; 28 steps with 6 full): on a shared machine, calls seconds apart see the same load where whole runs minutes
+  apart do not. The FLOPs projections are repeated at twice the latent side (1024 px for SD3) on the meta device.
 - ``trained``: the shipped super-resolution model (a trained ``UNet2DModel``, 15 steps): PSNR / SSIM of Faster
   Diffusion, feature inheritance and TaylorSeer to its stock output on held-out photo crops.
 
@@ -67,6 +72,7 @@ from diffusers.hooks import HookRegistry, apply_first_block_cache, apply_pyramid
 from diffusers.hooks.hooks import CacheContext
 from diffusers.hooks.taylorseer_cache import apply_taylorseer_cache
 from diffusers.utils import logging
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusers_ext import load_shipped_pipeline
@@ -95,6 +101,7 @@ class Row:
     seconds: float
     speedup: float
     cpu_speedup: float
+    flops_speedup: float
     gflops: float
     denoiser_calls: int
     psnr: float
@@ -286,6 +293,16 @@ def first_block_cache(threshold: float) -> Attach:
 # Measuring ------------------------------------------------------------------------------------------------------
 
 
+def count_cpu_attention_flops() -> None:
+    """torch's FLOP counter has a formula for the GPU attention kernels but none for the CPU one
+    (``aten._scaled_dot_product_flash_attention_for_cpu``), so attention would count 0 FLOPs on CPU: register the
+    same formula (``sdpa_flop_count``: the two batched matrix products) for it."""
+    target = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if target not in flop_counter.flop_registry:
+        flop_counter.register_flop_formula(target)(
+            lambda query, key, value, *args, out_shape=None, **kwargs: flop_counter.sdpa_flop_count(query, key, value))
+
+
 def latent_fidelity(latents: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
     """PSNR and SSIM of latents to the reference latents, both scaled to [-1, 1] by the reference's range."""
     low, high = reference.min(), reference.max()
@@ -340,13 +357,13 @@ def compare(section: str, pipe, make_inputs: Callable[[], dict], methods: dict[s
                 print(f"  {section} {name}: {seconds[0]:.1f} s wall, {seconds[1]:.1f} s CPU", flush=True)
     finally:
         recorder_handle.remove()
-    reference = first["stock"][0]
+    reference, stock_gflops = first["stock"][0], first["stock"][1]
     rows = []
     for name in methods:
         latents, gflops, calls = first[name]
         fidelity = latent_fidelity(latents, reference) if name != "stock" else (float("inf"), 1.0)
         rows.append(Row(section, name, statistics.median(t[0] for t in times[name]),
-                        *median_ratios(times["stock"], times[name]), gflops, calls, *fidelity,
+                        *median_ratios(times["stock"], times[name]), stock_gflops / gflops, gflops, calls, *fidelity,
                         (notes or {}).get(name, "")))
     return rows
 
@@ -466,12 +483,136 @@ def stream_section(args) -> list[Row]:
     for name in runs:
         seconds = statistics.median(t[0] for t in times[name])
         rows.append(Row("stream", name, seconds / len(frames), *median_ratios(times["naive img2img loop"], times[name]),
-                        float("nan"),
+                        float("nan"), float("nan"),
                         round(calls_per_frame[name]), float("nan"), float("nan"),
                         f"{len(frames) / seconds:.2f} frames/s; UNet calls per frame; 2 steps, "
                         f"{8 * args.latent_size} px"))
     free(pipe, base)
     return rows
+
+
+@dataclass
+class CallCost:
+    model: str
+    call: str
+    seconds: float
+    cpu_seconds: float
+    gflops: float
+
+
+def alternating_call_costs(model, arguments: dict, kinds: tuple[str, str], repeats: int) -> dict[str, CallCost]:
+    """Median wall and CPU seconds and the FLOPs of two kinds of calls of one model that alternate (the attached
+    hook makes calls 0, 2, 4, ... full and 1, 3, 5, ... reduced): consecutive calls share the machine's load of the
+    moment, so their ratio is steadier than that of runs minutes apart."""
+    times = {kind: [] for kind in kinds}
+    with torch.no_grad():
+        for index in range(2 * repeats + 2):
+            kind = kinds[index % 2]
+            counter = FlopCounterMode(display=False) if index < 2 else contextlib.nullcontext()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            with counter:
+                model(**arguments)
+            elapsed = (time.perf_counter() - start, time.process_time() - cpu_start)
+            if index < 2:  # the first pair, counted, also warms the caches up: not timed
+                times[f"{kind} flops"] = counter.get_total_flops() / 1e9
+            else:
+                times[kind].append(elapsed)
+            print(f"    {kind} call: {elapsed[0]:.1f} s wall, {elapsed[1]:.1f} s CPU", flush=True)
+    return {kind: CallCost("", kind, statistics.median(t[0] for t in times[kind]),
+                           statistics.median(t[1] for t in times[kind]), times[f"{kind} flops"]) for kind in kinds}
+
+
+def projected_speedup(costs: dict[str, CallCost], full: int, reduced: int, field: str) -> float:
+    """The run's speed-up over the stock run if ``full`` calls cost a full call and ``reduced`` calls a reduced one."""
+    full_cost, reduced_cost = getattr(costs["full"], field), getattr(costs["reduced"], field)
+    return (full + reduced) * full_cost / (full * full_cost + reduced * reduced_cost)
+
+
+def call_costs_section(args) -> tuple[list[CallCost], list[str]]:
+    """Faster Diffusion on the SD 1.5 UNet and RAS on the SD3-medium-shaped transformer at ``--call-latent-size``
+    (64: 512 px for SD 1.5, 1024 image tokens + 333 text tokens for SD3): full and reduced calls alternating, and the
+    speed-up of the papers' schedules projected from them (50 DDIM steps with 9 key steps; 28 steps with 6 full)."""
+    size, repeats = args.call_latent_size, args.call_repeats
+    costs, lines = [], []
+    pipe = sd15_pipeline()
+    generator = torch.Generator().manual_seed(0)
+    arguments = dict(sample=torch.randn(1, 4, size, size, generator=generator), timestep=torch.tensor(500),
+                     encoder_hidden_states=torch.randn(1, 77, 768, generator=generator))
+    print(f"  SD 1.5 UNet, {size}x{size} latents: full calls and Faster Diffusion's decoder-only calls", flush=True)
+    steps = len(pipe.scheduler.timesteps)  # outside a run the hooks count calls against the scheduler's timesteps
+    with FasterDiffusion(key_steps=list(range(0, steps, 2)), reference_steps=steps).attached(pipe):
+        unet_costs = alternating_call_costs(pipe.unet, arguments, ("full", "reduced"), repeats)
+    for cost in unet_costs.values():
+        cost.model = "sd15 unet (faster-diffusion)"
+    costs += unet_costs.values()
+    lines.append(f"Faster Diffusion, paper schedule (9 of 50 calls full): {projected_speedup(unet_costs, 9, 41, 'seconds'):.2f}x "
+                 f"wall, {projected_speedup(unet_costs, 9, 41, 'cpu_seconds'):.2f}x CPU, "
+                 f"{projected_speedup(unet_costs, 9, 41, 'gflops'):.2f}x FLOPs")
+    free(pipe)
+    pipe = sd3_pipeline()
+    generator = torch.Generator().manual_seed(0)
+    arguments = dict(hidden_states=torch.randn(1, 16, size, size, generator=generator), timestep=torch.tensor([500.0]),
+                     encoder_hidden_states=torch.randn(1, SD3_TEXT_TOKENS, 4096, generator=generator),
+                     pooled_projections=torch.randn(1, 2048, generator=generator), return_dict=False)
+    print(f"  SD3-medium-shaped transformer, {size}x{size} latents: full calls and RAS calls at sample ratio 0.5",
+          flush=True)
+    steps = len(pipe.scheduler.timesteps)
+    ras = RegionAdaptiveSampling(sample_ratio=0.5, start_step=1, error_reset_steps=list(range(2, steps, 2)),
+                                 reference_steps=steps)
+    with ras.attached(pipe):
+        transformer_costs = alternating_call_costs(pipe.transformer, arguments, ("full", "reduced"), repeats)
+    for cost in transformer_costs.values():
+        cost.model = "sd3 transformer (ras)"
+    costs += transformer_costs.values()
+    lines.append(f"RAS, official SD3 schedule (6 of 28 calls full): "
+                 f"{projected_speedup(transformer_costs, 6, 22, 'seconds'):.2f}x wall, "
+                 f"{projected_speedup(transformer_costs, 6, 22, 'cpu_seconds'):.2f}x CPU, "
+                 f"{projected_speedup(transformer_costs, 6, 22, 'gflops'):.2f}x FLOPs")
+    free(pipe)
+    return costs, lines
+
+
+def meta_flops_projections(size: int) -> list[str]:
+    """The FLOPs projections of ``call_costs_section`` at latent side ``size`` (128: SD3's 1024 px), counted on the
+    meta device: the models are not run, so any size is cheap."""
+
+    def flops(model, arguments) -> float:
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(**arguments)
+        return counter.get_total_flops() / 1e9
+
+    lines = []
+    with torch.device("meta"):
+        pipe = sd15_pipeline()
+        arguments = dict(sample=torch.randn(1, 4, size, size), timestep=torch.tensor(500),
+                         encoder_hidden_states=torch.randn(1, 77, 768))
+    steps = len(pipe.scheduler.timesteps)
+    with FasterDiffusion(key_steps=list(range(0, steps, 2)), reference_steps=steps).attached(pipe):
+        full, reduced = flops(pipe.unet, arguments), flops(pipe.unet, arguments)
+    lines.append(f"Faster Diffusion, SD 1.5 UNet at {size}x{size}: {full:.0f} / {reduced:.0f} GFLOPs per full / "
+                 f"decoder-only call, paper schedule {50 * full / (9 * full + 41 * reduced):.2f}x FLOPs")
+    with torch.device("meta"):
+        pipe = sd3_pipeline()
+        arguments = dict(hidden_states=torch.randn(1, 16, size, size), timestep=torch.tensor([500.0]),
+                         encoder_hidden_states=torch.randn(1, SD3_TEXT_TOKENS, 4096),
+                         pooled_projections=torch.randn(1, 2048), return_dict=False)
+    steps = len(pipe.scheduler.timesteps)
+    with RegionAdaptiveSampling(sample_ratio=0.5, start_step=1, error_reset_steps=list(range(2, steps, 2)),
+                                reference_steps=steps).attached(pipe):
+        full, reduced = flops(pipe.transformer, arguments), flops(pipe.transformer, arguments)
+    lines.append(f"RAS, SD3-medium-shaped transformer at {size}x{size} ({(size // 2) ** 2} image + {SD3_TEXT_TOKENS} "
+                 f"text tokens): {full:.0f} / {reduced:.0f} GFLOPs per full / partial call, official schedule "
+                 f"{28 * full / (6 * full + 22 * reduced):.2f}x FLOPs")
+    return lines
+
+
+def format_call_costs(costs: list[CallCost]) -> str:
+    header = f"{'model':<32}{'call':<9}{'wall s':>8}{'CPU s':>8}{'GFLOPs':>9}"
+    lines = [header, "-" * len(header)]
+    for c in costs:
+        lines.append(f"{c.model:<32}{c.call:<9}{c.seconds:>8.2f}{c.cpu_seconds:>8.2f}{c.gflops:>9.0f}")
+    return "\n".join(lines)
 
 
 @dataclass
@@ -528,7 +669,7 @@ def trained_section() -> list[Row]:
         with make().attached(pipe) as hook:
             restored = super_resolve_held_out(pipe, tiles=2, num_inference_steps=15)["restored"]
         reuse = getattr(hook, "encoder", None) or hook.blocks
-        rows.append(Row("trained", name, float("nan"), float("nan"), float("nan"), float("nan"), 15,
+        rows.append(Row("trained", name, float("nan"), float("nan"), float("nan"), float("nan"), float("nan"), 15,
                         float(psnr(restored, stock).mean()),
                         float(ssim(restored, stock).mean()), f"{reuse.calls['reuse']} of 15 calls reuse"))
     recorder = TimestepRecorder()
@@ -541,7 +682,8 @@ def trained_section() -> list[Row]:
     finally:
         detach()
         handle.remove()
-    rows.append(Row("trained", "diffusers TaylorSeer", float("nan"), float("nan"), float("nan"), float("nan"), 15,
+    rows.append(Row("trained", "diffusers TaylorSeer", float("nan"), float("nan"), float("nan"), float("nan"),
+                    float("nan"), 15,
                     float(psnr(restored, stock).mean()), float(ssim(restored, stock).mean()),
                     "mid + up blocks predicted, compute every 2nd step after 2"))
     return rows
@@ -551,12 +693,12 @@ def trained_section() -> list[Row]:
 
 
 def format_rows(rows: list[Row]) -> str:
-    header = (f"{'section':<9}{'method':<36}{'s/run':>8}{'wall x':>8}{'CPU x':>7}{'GFLOPs':>9}{'calls':>6}"
-              f"{'PSNR':>7}{'SSIM':>7}  note")
+    header = (f"{'section':<9}{'method':<36}{'s/run':>8}{'wall x':>8}{'CPU x':>7}{'FLOPs x':>8}{'GFLOPs':>9}"
+              f"{'calls':>6}{'PSNR':>7}{'SSIM':>7}  note")
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r.section:<9}{r.method:<36}{r.seconds:>8.2f}{r.speedup:>8.2f}{r.cpu_speedup:>7.2f}"
-                     f"{r.gflops:>9.0f}{r.denoiser_calls:>6}{r.psnr:>7.1f}{r.ssim:>7.3f}  {r.note}")
+                     f"{r.flops_speedup:>8.2f}{r.gflops:>9.0f}{r.denoiser_calls:>6}{r.psnr:>7.1f}{r.ssim:>7.3f}  {r.note}")
     return "\n".join(lines)
 
 
@@ -577,13 +719,14 @@ def plot(rows: list[Row], stitch: list[StitchRow], path: Path) -> None:
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for row in rows:
-        if row.method == "stock" or row.section in ("trained", "stream") or row.psnr != row.psnr:
+        if row.method == "stock" or row.section in ("trained", "stream") or row.method == "t-stitch":
             continue
         marker = "s" if row.method.startswith("diffusers") else "o"
-        left.scatter(row.speedup, min(row.psnr, 60), marker=marker)
-        left.annotate(f"{row.section}: {row.method}", (row.speedup, min(row.psnr, 60)), fontsize=7)
+        left.scatter(row.flops_speedup, min(row.psnr, 90), marker=marker)
+        left.annotate(f"{row.section}: {row.method}", (row.flops_speedup, min(row.psnr, 90)), fontsize=7)
     left.axvline(1.0, color="gray", linewidth=1)
-    left.set(xlabel="wall-time speed-up over the stock pipeline", ylabel="PSNR of latents to stock (dB, random weights)",
+    left.set(xlabel="FLOPs of the stock run / FLOPs of the run",
+             ylabel="PSNR of latents to stock (dB, random weights)",
              title="speed hooks (circles: ours, squares: diffusers caches)")
     for dim in sorted({r.dim for r in stitch}):
         for components in sorted({r.small_components for r in stitch if r.dim == dim}):
@@ -608,12 +751,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats of every timed run")
     parser.add_argument("--frames", type=int, default=3, help="frames through the img2img stream")
     parser.add_argument("--sections", default="sd15,stream,oracle,trained",
-                        help="comma-separated: sd15, sdxl, sd3, flux, stream, oracle, trained")
+                        help="comma-separated: sd15, sdxl, sd3, flux, stream, oracle, trained, calls")
     parser.add_argument("--sd3", action="store_true", help="add the SD3-medium-shaped transformer section")
     parser.add_argument("--sdxl", action="store_true", help="add the SDXL UNet section")
     parser.add_argument("--flux", action="store_true", help="add the Flux-shaped transformer section")
     parser.add_argument("--flux-blocks", type=int, default=2, help="double-stream blocks of the Flux-shaped model")
     parser.add_argument("--methods", default="", help="comma-separated method names to run (default: all)")
+    parser.add_argument("--call-latent-size", type=int, default=64, help="latent side of the calls section")
+    parser.add_argument("--call-repeats", type=int, default=3, help="timed pairs of calls in the calls section")
     return parser
 
 
@@ -624,6 +769,7 @@ def run(args: argparse.Namespace) -> int:
     sections = set(args.sections.split(","))
     sections |= {name for name in ("sd3", "sdxl", "flux") if getattr(args, name)}
     logging.set_verbosity_error()
+    count_cpu_attention_flops()
     args.output.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
     stitch: list[StitchRow] = []
@@ -651,6 +797,12 @@ def run(args: argparse.Namespace) -> int:
         rows += trained_section()
     if "oracle" in sections:
         stitch = oracle_section()
+    if "calls" in sections:
+        costs, projections = call_costs_section(args)
+        print("\nfull and reduced calls, alternating (medians):")
+        print(format_call_costs(costs))
+        print("\n".join(projections))
+        print("\n".join(meta_flops_projections(2 * args.call_latent_size)))
     written = []
     if rows:
         print(format_rows(rows))
@@ -665,7 +817,7 @@ def run(args: argparse.Namespace) -> int:
     if rows or stitch:
         plot(rows, stitch, args.output / "speed_hooks.png")
         written.append(args.output / "speed_hooks.png")
-    print(f"\nwrote {', '.join(map(str, written)) or 'nothing (no section selected)'}")
+    print(f"\nwrote {', '.join(map(str, written)) or 'no files'}")
     return 0
 
 
