@@ -18,7 +18,7 @@ from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from tiny_pipelines import TEXT_DIM, sd_pipeline
 
 from diffusers_ext.training import Trainer, TrainingConfig
-from diffusers_ext.training.cli import FINAL_FOLDER, TRAINING_METHODS
+from diffusers_ext.training.cli import FINAL_FOLDER
 from diffusers_ext.training.cli import main as train_main
 from diffusers_ext.training.lora import save_lora_weights
 from diffusers_ext.training.smooth_lora import (
@@ -30,7 +30,6 @@ from diffusers_ext.training.smooth_lora import (
     interpolation_images,
     interpolation_std,
     slerp,
-    toy_run,
     toy_unet,
 )
 
@@ -86,12 +85,13 @@ def test_smooth_lora_lowers_istd_on_held_out_noise_pairs(smoothness_comparison):
                f"{smooth_istd.mean() / plain_istd.mean():.3f}); lower on {(smooth_istd < plain_istd).sum()}/"
                f"{HELD_OUT_PAIRS} pairs; mean neighbour distance plain {plain_step:.5f}, smooth {smooth_step:.5f}")
     print(figures)
-    # Measured here: ratio 0.45, lower on 10 of 12 pairs. Over data seeds 0-2 x LoRA seeds 0-1 (same budget): ratio
-    # 0.43 to 0.71, lower on 7 to 10 of 12 pairs.
+    # Measured over training seeds 0-4 (DIFFUSERS_EXT_TEST_SEED): ratio 0.42 to 0.49, lower on 9 to 12 of 12 pairs;
+    # over data seeds 0-2 x LoRA seeds 0-1 (same budget): ratio 0.43 to 0.71, lower on 7 to 10 of 12. Both arms of
+    # one seed share the base model, data and draws, so a method that did nothing gives a ratio of exactly 1.
     assert smooth_istd.mean() < 0.8 * plain_istd.mean(), figures
     assert (smooth_istd < plain_istd).sum() > HELD_OUT_PAIRS // 2, figures
-    # Evener steps, not a path that barely moves: the mean step stays within 10% (measured -2% to -6%).
-    assert smooth_step > 0.9 * plain_step, figures
+    # Evener steps, not a path that barely moves: the mean step stays within 15% (measured -4% to -7%).
+    assert smooth_step > 0.85 * plain_step, figures
 
 
 class LinearDenoiser(torch.nn.Module):
@@ -224,8 +224,7 @@ def test_bad_inputs_raise_clear_errors():
         trainer.train()
 
 
-def test_train_command_runs_the_toy_method_and_saves_a_loadable_adapter(tmp_path, monkeypatch):
-    monkeypatch.setitem(TRAINING_METHODS, "smooth-lora", toy_run)
+def test_train_command_runs_the_toy_method_and_saves_a_loadable_adapter(tmp_path):
     assert train_main(["smooth-lora", "--output_dir", str(tmp_path), "--max_steps", "2", "--batch_size", "4",
                        "--lora_rank", "2", "--seed", "3"]) == 0
     pipe = sd_pipeline()

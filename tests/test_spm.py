@@ -21,6 +21,7 @@ from PIL import Image
 from tiny_pipelines import sd_pipeline
 
 from diffusers_ext.training import Trainer, TrainingConfig
+from diffusers_ext.training.cli import method_config
 from diffusers_ext.training.lora import save_lora_weights
 from diffusers_ext.training.smooth_lora import toy_unet
 from diffusers_ext.training.spm import (
@@ -100,11 +101,14 @@ def test_spm_erases_the_concept_and_changes_a_non_target_prompt_less_on_held_out
               f"seeds; the two prompts' originals differ by {measured['between_prompts'].mean():.4f}")
     print(report)
     # The erased prompt's images leave its original images by more than the original gap between two different
-    # prompts (the scale of a concept change in this model). Measured: 0.032 vs 0.023.
+    # prompts (the scale of a concept change in this model). Measured over training seeds 0-4
+    # (DIFFUSERS_EXT_TEST_SEED): 0.027 to 0.032 vs 0.023.
     assert measured["erased"].mean() > measured["between_prompts"].mean(), report
-    # The non-target prompt moves at most 60% as far (measured 0.44 with transport, 0.49 without: the random CLIP
-    # makes "a dog" 0.82-similar to "a cat", so the membrane is 82% open for it), and less on most seeds.
-    assert measured["non_target"].mean() < 0.6 * measured["erased"].mean(), report
+    # The non-target prompt moves at most 70% as far, and less on most seeds. Measured: 0.36 to 0.56 with transport
+    # (less on 12 of 12 seeds each time), 0.43 to 0.62 without. The random CLIP makes "a dog" 0.82-similar to "a cat",
+    # so transport alone keeps the membrane 82% open for it: a membrane that changed every prompt alike would, to
+    # first order, give about 0.8.
+    assert measured["non_target"].mean() < 0.7 * measured["erased"].mean(), report
     assert (measured["non_target"] < measured["erased"]).sum() > 3 * len(HELD_OUT_SEEDS) // 4, report
     # Facilitated transport can only lower the non-target change (its scale is below 1).
     assert measured["non_target"].mean() < figures[False]["non_target"].mean(), report
@@ -143,7 +147,8 @@ def test_the_erasing_error_drops_on_fresh_draws(cat_membrane):
     """The sign of erasing, as the objective states it: on fresh ``x_t`` the erasing error ``|| eps(x_t, c_tar) - y
     ||`` is lower than at the initial membrane on nearly every draw, and the concept's prediction moves most of the way
     towards the erasing target ``y`` (at 2 on the line from ``eps0(c_tar)`` (0) through ``eps0(c_sur)`` (1)); an
-    amplifying membrane would move it below 0. Measured: 0.303 -> 0.211, lower on 16/16, progress 1.82 (min 1.40)."""
+    amplifying membrane would move it below 0. Measured over training seeds 0-4 (DIFFUSERS_EXT_TEST_SEED): 0.303 ->
+    0.182 to 0.223, lower on 14 to 16 of 16 draws, progress 1.66 to 1.93 (min over draws 1.24 to 1.63)."""
     figures = prediction_figures(cat_membrane)
     report = (f"over {len(FRESH_DRAWS)} fresh x_t: erasing error ||eps(c_tar) - y|| {figures['erase_before'].mean():.4f} "
               f"-> {figures['erase_after'].mean():.4f} (lower on {(figures['erase_after'] < figures['erase_before']).sum()}"
@@ -153,7 +158,8 @@ def test_the_erasing_error_drops_on_fresh_draws(cat_membrane):
               f"mean {figures['progress'].mean():.3f}, min {figures['progress'].min():.3f}, max "
               f"{figures['progress'].max():.3f} (y is at 2)")
     print(report)
-    assert (figures["erase_after"] < figures["erase_before"]).sum() >= 14, report
+    assert figures["erase_after"].mean() < 0.85 * figures["erase_before"].mean(), report
+    assert (figures["erase_after"] < figures["erase_before"]).sum() >= 12, report
     assert figures["progress"].min() > 1, report
 
 
@@ -169,6 +175,7 @@ def test_membrane_transfers_to_another_unet_of_the_same_architecture(cat_membran
     report = (f"other UNet: mean RMS change erased {figures['erased'].mean():.4f}, non-target "
               f"{figures['non_target'].mean():.4f}")
     print(report)
+    # Measured over training seeds 0-4: erased 0.022 to 0.047, non-target 0.42 to 0.62 times as much.
     assert figures["erased"].mean() > 1e-3, report  # it does act on the other model
     assert figures["non_target"].mean() < figures["erased"].mean(), report
 
@@ -383,7 +390,7 @@ def _rank_one_unet():
 
 
 def test_toy_run_trains_a_membrane_for_the_cli(tmp_path):
-    config = TrainingConfig(output_dir=str(tmp_path), max_steps=2, batch_size=1)
+    config = method_config("spm", output_dir=str(tmp_path), max_steps=2, batch_size=1)
     method, model, dataset = toy_run(config)
     assert config.lora_rank == 1 and config.lora_target_modules == SPM_TARGET_MODULES
     result = Trainer(method, model, dataset, config).train()
