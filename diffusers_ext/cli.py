@@ -163,6 +163,54 @@ def demo_part(text: str) -> str:
     return text
 
 
+SPEED_HOOK_SECTIONS = ("sd15", "sdxl", "sd3", "flux", "stream", "oracle", "trained", "calls")
+SPEED_HOOK_METHODS = ("faster-diffusion", "feature-inheritance", "t-stitch", "ras", "diffusers PAB",
+                      "diffusers TaylorSeer", "diffusers FirstBlockCache")
+
+
+def comma_separated(choices: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, unknown))}; choose from "
+                                             f"{', '.join(choices)}")
+        return names
+
+    return parse
+
+
+def add_speed_hooks_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``diffusers-ext bench speed-hooks`` (``diffusers_ext.hooks.benchmark``), kept here so that they
+    are checked before torch is imported."""
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--latent-size", type=positive_int, default=32, help="latent side (64 is SD 1.5's 512 px)")
+    parser.add_argument("--steps", type=positive_int, default=10, help="denoising steps of the full-size runs")
+    parser.add_argument("--repeats", type=positive_int, default=1, help="interleaved repeats of every timed run")
+    parser.add_argument("--frames", type=positive_int, default=3, help="frames through the img2img stream")
+    parser.add_argument("--sections", type=comma_separated(SPEED_HOOK_SECTIONS),
+                        default=["sd15", "stream", "oracle", "trained"],
+                        help=f"comma-separated, from: {', '.join(SPEED_HOOK_SECTIONS)} "
+                             "(default: sd15,stream,oracle,trained, about a quarter of an hour on 2 cores)")
+    parser.add_argument("--sd3", action="store_true", help="add the SD3-medium-shaped transformer section")
+    parser.add_argument("--sdxl", action="store_true", help="add the SDXL UNet section")
+    parser.add_argument("--flux", action="store_true", help="add the Flux-shaped transformer section")
+    parser.add_argument("--flux-blocks", type=positive_int, default=2,
+                        help="double-stream blocks of the Flux-shaped model")
+    parser.add_argument("--methods", type=comma_separated(SPEED_HOOK_METHODS), default=[],
+                        help=f"comma-separated, from: {', '.join(SPEED_HOOK_METHODS)} (default: all)")
+    parser.add_argument("--call-latent-size", type=positive_int, default=64, help="latent side of the calls section")
+    parser.add_argument("--call-repeats", type=positive_int, default=3,
+                        help="timed pairs of calls in the calls section")
+    return parser
+
+
+def _speed_hooks(args: argparse.Namespace) -> None:
+    from .hooks.benchmark import run
+
+    run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusers-ext", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -204,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "save_for_hub; they import classes from the installed diffusers_ext)")
     restore.set_defaults(run=_restore)
 
-    bench = commands.add_parser("bench", help="benchmarks", description="Benchmarks on the exact oracles.")
+    bench = commands.add_parser("bench", help="benchmarks",
+                                description="Benchmarks: samplers on the exact oracles, speed hooks.")
     bench_kinds = bench.add_subparsers(dest="benchmark", required=True)
     accuracy = bench_kinds.add_parser(
         "sampler-accuracy", help="error versus NFE of samplers on the exact Gaussian-mixture oracle",
@@ -219,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     accuracy.add_argument("--dims", type=positive_int, nargs="+", default=[2, 64])
     accuracy.add_argument("--nfe", type=positive_int, nargs="+", default=[5, 10, 20, 50])
     accuracy.set_defaults(run=_bench)
+    speed_hooks = bench_kinds.add_parser(
+        "speed-hooks", help="speed hooks against the stock pipelines and diffusers' caches: wall time, FLOPs, fidelity",
+        description="Speed hooks against the stock pipelines and diffusers' own caches in one run: wall-time and "
+                    "CPU-time ratios, FLOPs, fidelity to the stock output; writes speed_hooks.csv and speed_hooks.png.")
+    add_speed_hooks_arguments(speed_hooks).set_defaults(run=_speed_hooks)
 
     # Listed here for --help; main() hands its arguments to training/cli.py.
     commands.add_parser("train", add_help=False,

@@ -12,7 +12,8 @@ class Component:
 
     Attributes:
         name: the class or function users import, ``from diffusers_ext import <name>``.
-        kind: ``scheduler``, ``pipeline``, ``model``, ``trainer``, ``guidance`` or ``oracle``.
+        kind: ``scheduler``, ``pipeline``, ``model``, ``trainer``, ``guidance``, ``speed`` (hooks that make a stock
+            pipeline faster) or ``oracle``.
         module: the module defining it.
         summary: one line on what it does.
         paper: the paper's title, ``None`` for the project's own tools.
@@ -292,6 +293,64 @@ COMPONENTS: tuple[Component, ...] = (
         "experimental",
     ),
     Component(
+        "FasterDiffusion",
+        "speed",
+        "diffusers_ext.hooks",
+        "UNet encoder propagation: the encoder runs at key steps only, its features (and ControlNet residuals) "
+        "reused by decoder-only steps, with the paper's prior noise injection (SD 1.x / 2.x / SDXL UNets)",
+        "Faster Diffusion: Rethinking the Role of the Encoder for Diffusion Model Inference",
+        "2312.09608",
+        "experimental",
+    ),
+    Component(
+        "FeatureInheritance",
+        "speed",
+        "diffusers_ext.hooks",
+        "Named blocks of a UNet or transformer compute every n-th step and otherwise return their last output",
+        "A-SDM: Accelerating Stable Diffusion through Model Assembly and Feature Inheritance Strategies",
+        "2406.00210",
+        "experimental",
+    ),
+    Component(
+        "RegionAdaptiveSampling",
+        "speed",
+        "diffusers_ext.hooks",
+        "RAS for SD3 and Flux transformers: each step recomputes only the tokens the model focuses on, with "
+        "cached keys and values for the rest",
+        "Region-Adaptive Sampling for Diffusion Transformers",
+        "2502.10389",
+        "experimental",
+    ),
+    Component(
+        "TStitch",
+        "speed",
+        "diffusers_ext.hooks",
+        "Trajectory stitching: a small denoiser sharing the latent space takes the first fraction of the steps",
+        "T-Stitch: Accelerating Sampling in Pre-Trained Diffusion Models with Trajectory Stitching",
+        "2402.14167",
+        "experimental",
+    ),
+    Component(
+        "StreamPipeline",
+        "speed",
+        "diffusers_ext.hooks",
+        "StreamDiffusion for a stock SD img2img pipeline: stream batch, residual classifier-free guidance, "
+        "stochastic similarity filter",
+        "StreamDiffusion: A Pipeline-level Solution for Real-time Interactive Generation",
+        "2312.12491",
+        "experimental",
+    ),
+    Component(
+        "AttentionEntropyScaling",
+        "speed",
+        "diffusers_ext.hooks",
+        "Attention logits scaled by sqrt(log N / log N_train) so that other resolutions keep the training "
+        "attention entropy (UNet and DiT self-attention processors)",
+        "Training-free Diffusion Model Adaptation for Variable-Sized Text-to-Image Synthesis",
+        "2306.08645",
+        "experimental",
+    ),
+    Component(
         "GaussianMixtureDenoiser",
         "oracle",
         "diffusers_ext.testing",
@@ -341,7 +400,7 @@ def _markdown_table(components: list[Component]) -> list[str]:
 
 def components_markdown_table() -> str:
     """The README's component tables: the components users build with, then the verification tools."""
-    kind_order = ("scheduler", "pipeline", "trainer", "guidance", "model")
+    kind_order = ("scheduler", "pipeline", "trainer", "guidance", "speed", "model")
     users = sorted((c for c in COMPONENTS if c.kind not in VERIFICATION_KINDS), key=lambda c: kind_order.index(c.kind))
     tools = [c for c in COMPONENTS if c.kind in VERIFICATION_KINDS]
     return "\n".join([*_markdown_table(users), "", "Verification tools (`diffusers_ext.testing`): exact oracles that "

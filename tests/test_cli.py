@@ -13,8 +13,8 @@ from diffusers_ext.cli import main, resolve_scheduler
 
 def run_cli(*arguments: str) -> subprocess.CompletedProcess:
     """``diffusers-ext ARGUMENTS`` in a fresh interpreter that reports, after the command, whether torch was imported."""
-    code = ("import sys; from diffusers_ext.cli import main; status = main(sys.argv[1:]); "
-            "print('torch imported:', 'torch' in sys.modules); sys.exit(status)")
+    code = ("import atexit, sys; atexit.register(lambda: print('torch imported:', 'torch' in sys.modules)); "
+            "from diffusers_ext.cli import main; sys.exit(main(sys.argv[1:]))")
     return subprocess.run([sys.executable, "-c", code, *arguments], capture_output=True, text=True, timeout=120)
 
 
@@ -72,3 +72,12 @@ def test_bench_takes_schedulers_by_name_or_module_path():
 def test_bench_reports_a_bad_scheduler_as_a_usage_error(capsys):
     assert main(["bench", "sampler-accuracy", "--scheduler", "NoSuchScheduler"]) == 2
     assert "not a scheduler" in capsys.readouterr().err
+
+
+def test_bench_speed_hooks_checks_its_options_before_importing_torch():
+    for arguments, message in {("--sections", "sd15,everything"): "unknown 'everything'",
+                               ("--methods", "faster-diffusion,deepcache"): "unknown 'deepcache'",
+                               ("--steps", "0"): "positive integer"}.items():
+        result = run_cli("bench", "speed-hooks", *arguments)
+        assert message in one_line_error(result)
+        assert "torch imported: False" in result.stdout

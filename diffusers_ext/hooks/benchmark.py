@@ -743,30 +743,10 @@ def plot(rows: list[Row], stitch: list[StitchRow], path: Path) -> None:
     plt.close(figure)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The benchmark's options (``diffusers-ext bench speed-hooks`` adds them to its sub-command)."""
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--latent-size", type=int, default=32, help="latent side (64 is SD 1.5's 512 px)")
-    parser.add_argument("--steps", type=int, default=10, help="denoising steps of the full-size runs")
-    parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats of every timed run")
-    parser.add_argument("--frames", type=int, default=3, help="frames through the img2img stream")
-    parser.add_argument("--sections", default="sd15,stream,oracle,trained",
-                        help="comma-separated: sd15, sdxl, sd3, flux, stream, oracle, trained, calls")
-    parser.add_argument("--sd3", action="store_true", help="add the SD3-medium-shaped transformer section")
-    parser.add_argument("--sdxl", action="store_true", help="add the SDXL UNet section")
-    parser.add_argument("--flux", action="store_true", help="add the Flux-shaped transformer section")
-    parser.add_argument("--flux-blocks", type=int, default=2, help="double-stream blocks of the Flux-shaped model")
-    parser.add_argument("--methods", default="", help="comma-separated method names to run (default: all)")
-    parser.add_argument("--call-latent-size", type=int, default=64, help="latent side of the calls section")
-    parser.add_argument("--call-repeats", type=int, default=3, help="timed pairs of calls in the calls section")
-    return parser
-
-
 def run(args: argparse.Namespace) -> int:
     """Run the sections ``args`` select, print the tables, write the CSV and the plot."""
-    methods = [m for m in args.methods.split(",") if m] if isinstance(args.methods, str) else list(args.methods)
-    args = argparse.Namespace(**vars(args) | {"methods": methods, "output": Path(args.output)})
-    sections = set(args.sections.split(","))
+    args = argparse.Namespace(**vars(args) | {"output": Path(args.output)})
+    sections = set(args.sections)
     sections |= {name for name in ("sd3", "sdxl", "flux") if getattr(args, name)}
     logging.set_verbosity_error()
     count_cpu_attention_flops()
@@ -822,5 +802,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
+    from ..cli import add_speed_hooks_arguments
+
+    parser = add_speed_hooks_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     return run(parser.parse_args(argv))
