@@ -9,21 +9,21 @@ from diffusers import DiffusionPipeline
 from huggingface_hub import ModelCard
 from transformers import BertForMaskedLM
 
+from diffusers_ext import shipped_model_path
 from diffusers_ext.pipelines import MaskedDiffusionLMPipeline
-from diffusers_ext.pipelines.text.demo import shipped_model_path
 from diffusers_ext.training import MaskedDiffusionLMObjective, pydoc_paragraphs, token_chunks, train_and_held_out
 
 SEQUENCE_LENGTH = 64
 
 
 def load():
-    pipe = DiffusionPipeline.from_pretrained(shipped_model_path(), trust_remote_code=True)
+    pipe = DiffusionPipeline.from_pretrained(shipped_model_path("tiny-mdlm-pydoc"), trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def test_ships_as_a_loadable_pipeline_with_its_card():
-    folder = shipped_model_path()
+    folder = shipped_model_path("tiny-mdlm-pydoc")
     pipe = load()
     assert type(pipe) is MaskedDiffusionLMPipeline
     assert pipe.scheduler.config.mask_token_id == pipe.tokenizer.mask_token_id
@@ -37,7 +37,7 @@ def test_ships_as_a_loadable_pipeline_with_its_card():
 @pytest.mark.effect
 def test_held_out_negative_elbo_matches_the_report_and_beats_an_untrained_model():
     pipe = load()
-    report = json.loads((shipped_model_path() / "training_report.json").read_text())
+    report = json.loads((shipped_model_path("tiny-mdlm-pydoc") / "training_report.json").read_text())
     _, held_out = train_and_held_out(token_chunks(pipe.tokenizer, pydoc_paragraphs(), SEQUENCE_LENGTH))
     assert len(held_out) == report["held_out_chunks"]
     method = MaskedDiffusionLMObjective(pipe.scheduler)

@@ -4,26 +4,20 @@ first-hitting sampler is timed against MDLM's ancestral sampler."""
 from __future__ import annotations
 
 import time
-from importlib import resources
 from pathlib import Path
 
 import torch
 
 from ...schedulers import MaskedDiffusionScheduler
+from ...shipped import load_shipped_pipeline
 from .pipeline_masked_diffusion_lm import MaskedDiffusionLMPipeline
 
 SHIPPED_MODEL = "tiny-mdlm-pydoc"
 
 
-def shipped_model_path() -> Path:
-    """The folder of the tiny masked-diffusion LM trained on Python's documentation, inside the installed package."""
-    return Path(str(resources.files("diffusers_ext").joinpath("assets", SHIPPED_MODEL)))
-
-
 def run_text_demo(output: Path, sequence_length: int = 48, ancestral_steps: int = 1000) -> str:
     output.mkdir(parents=True, exist_ok=True)
-    # The shipped folder is laid out for the Hub: its loader files are one-line imports from this very package.
-    pipe = MaskedDiffusionLMPipeline.from_pretrained(shipped_model_path(), trust_remote_code=True)
+    pipe = load_shipped_pipeline(SHIPPED_MODEL)
     pipe.set_progress_bar_config(disable=True)
     mask = pipe.tokenizer.mask_token
     generator = torch.Generator().manual_seed(0)
