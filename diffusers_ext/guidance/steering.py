@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers.configuration_utils import ConfigMixin
 
 from ..diffusion_math import (
     alpha_sigma_function,
@@ -36,6 +35,7 @@ from ..diffusion_math import (
     noise_path_from_scheduler_config,
     x0_and_eps_from_prediction,
 )
+from ..method_settings import MethodSettingsMixin
 
 Reward = Callable[[torch.Tensor], torch.Tensor]  # higher is better
 Loss = Callable[[torch.Tensor], torch.Tensor]  # lower is better
@@ -236,7 +236,7 @@ class SteeredScheduler:
         return output
 
 
-class SteeringMethod(ConfigMixin):
+class SteeringMethod(MethodSettingsMixin):
     """Base class of the steering methods: attach to a pipeline, override ``before_step`` / ``after_step``.
 
     Config (saved as ``steering_config.json``; rewards, losses and other callables are passed again when loading,
@@ -262,24 +262,6 @@ class SteeringMethod(ConfigMixin):
         self._denoiser_call: DenoiserCall | None = None
         self.generator: torch.Generator | None = None
         self.step_index = 0
-
-    # Saving, as diffusers schedulers do ----------------------------------------------------------------------------
-
-    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> None:
-        """Write ``steering_config.json`` (the method's numbers; callables are not saved)."""
-        self.save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, **kwargs):
-        """Load a saved config (folder or Hub id); pass the callables again, e.g. ``reward=...``."""
-        hub_keys = ("cache_dir", "force_download", "local_files_only", "token", "revision")
-        hub_kwargs = {key: kwargs.pop(key) for key in hub_keys if key in kwargs}
-        callables = {key: kwargs.pop(key) for key in cls.ignore_for_config if key in kwargs}
-        config = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs)
-        init_kwargs, unused, _ = cls.extract_init_dict(config, **kwargs)
-        if unused_arguments := sorted(k for k in unused if not k.startswith("_")):
-            raise ValueError(f"{cls.__name__} got unexpected arguments {unused_arguments}")
-        return cls(**init_kwargs, **callables)
 
     # Attaching --------------------------------------------------------------------------------------------------
 

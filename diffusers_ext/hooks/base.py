@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.configuration_utils import ConfigMixin
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
 from ..guidance.steering import DENOISER_NAMES
+from ..method_settings import MethodSettingsMixin
 
 
 def pipeline_denoiser(pipeline: Any, owner: str) -> tuple[str, torch.nn.Module]:
@@ -211,7 +211,7 @@ def invalidate_registry_caches(pipeline: Any) -> None:
             component._diffusers_hook.invalidate_child_registries_cache()
 
 
-class SpeedHook(ConfigMixin):
+class SpeedHook(MethodSettingsMixin):
     """Base class of the speed hooks: ``attach(pipe)`` / ``detach()`` / ``with hook.attached(pipe):``, settings saved
     as ``speed_hook_config.json``.
 
@@ -226,24 +226,6 @@ class SpeedHook(ConfigMixin):
     def __init__(self) -> None:
         self.pipeline = None
         self._undo: list[Callable[[], None]] = []
-
-    # Saving ---------------------------------------------------------------------------------------------------------
-
-    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> None:
-        """Write ``speed_hook_config.json`` (numbers and names only; models and callables are not saved)."""
-        self.save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, **kwargs):
-        """Load saved settings (a folder or a Hub id); pass models and callables again, e.g. ``small=...``."""
-        hub_keys = ("cache_dir", "force_download", "local_files_only", "token", "revision")
-        hub_kwargs = {key: kwargs.pop(key) for key in hub_keys if key in kwargs}
-        objects = {key: kwargs.pop(key) for key in cls.ignore_for_config if key in kwargs}
-        config = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs)
-        init_kwargs, unused, _ = cls.extract_init_dict(config, **kwargs)
-        if unused_arguments := sorted(k for k in unused if not k.startswith("_")):
-            raise ValueError(f"{cls.__name__} got unexpected arguments {unused_arguments}")
-        return cls(**init_kwargs, **objects)
 
     # Attaching ------------------------------------------------------------------------------------------------------
 
