@@ -24,18 +24,14 @@ from pathlib import Path
 
 import torch
 from diffusers import (
-    DDIMScheduler,
-    DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-    FlowMatchEulerDiscreteScheduler,
     FlowMatchHeunDiscreteScheduler,
-    UniPCMultistepScheduler,
 )
 from diffusers.utils import logging
 
 from diffusers_ext.schedulers import ERSDESolverScheduler, RFSolverScheduler, TimeShiftScheduler, optimize_timesteps
 from diffusers_ext.testing.sampler_accuracy import (
+    BUILTIN_SCHEDULERS,
     SD3_SCHEDULER_CONFIG,
     SD_SCHEDULER_CONFIG,
     law_family,
@@ -43,15 +39,7 @@ from diffusers_ext.testing.sampler_accuracy import (
     oracle_for,
 )
 
-BUILTINS = {
-    "DDIM": DDIMScheduler,
-    "DPM-Solver++ 2M": DPMSolverMultistepScheduler,
-    "UniPC": UniPCMultistepScheduler,
-    "Euler": EulerDiscreteScheduler,
-    "DEIS": DEISMultistepScheduler,
-    "FlowMatchEuler": FlowMatchEulerDiscreteScheduler,
-    "FlowMatchHeun": FlowMatchHeunDiscreteScheduler,
-}
+BUILTINS = BUILTIN_SCHEDULERS | {"FlowMatchHeun": FlowMatchHeunDiscreteScheduler}
 
 
 def samplers() -> dict[str, object]:

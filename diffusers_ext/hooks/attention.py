@@ -31,6 +31,11 @@ def softmax_scale(logit_scale: float | None, head_dim: int) -> float | None:
     return None if logit_scale is None else logit_scale / math.sqrt(head_dim)
 
 
+def split_heads(batch_size: int, heads: int, head_dim: int, *projections: torch.Tensor) -> list[torch.Tensor]:
+    """``(B, N, heads * head_dim)`` projections as ``(B, heads, N, head_dim)``."""
+    return [p.view(batch_size, -1, heads, head_dim).transpose(1, 2) for p in projections]
+
+
 def self_attention(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                    attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
                    logit_scale: float | None = None) -> torch.Tensor:
@@ -59,9 +64,7 @@ def self_attention(attn, hidden_states: torch.Tensor, encoder_hidden_states: tor
     value = attn.to_v(encoder_hidden_states)
 
     head_dim = key.shape[-1] // attn.heads
-    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    query, key, value = split_heads(batch_size, attn.heads, head_dim, query, key, value)
     if attn.norm_q is not None:
         query = attn.norm_q(query)
     if attn.norm_k is not None:
@@ -88,9 +91,7 @@ def joint_attention(attn, hidden_states: torch.Tensor, encoder_hidden_states: to
     key = attn.to_k(hidden_states)
     value = attn.to_v(hidden_states)
     head_dim = key.shape[-1] // attn.heads
-    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    query, key, value = split_heads(batch_size, attn.heads, head_dim, query, key, value)
     if attn.norm_q is not None:
         query = attn.norm_q(query)
     if attn.norm_k is not None:
@@ -102,9 +103,8 @@ def joint_attention(attn, hidden_states: torch.Tensor, encoder_hidden_states: to
         context_query = attn.add_q_proj(encoder_hidden_states)
         context_key = attn.add_k_proj(encoder_hidden_states)
         context_value = attn.add_v_proj(encoder_hidden_states)
-        context_query = context_query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        context_key = context_key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        context_value = context_value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        context_query, context_key, context_value = split_heads(batch_size, attn.heads, head_dim, context_query,
+                                                                context_key, context_value)
         if attn.norm_added_q is not None:
             context_query = attn.norm_added_q(context_query)
         if attn.norm_added_k is not None:
