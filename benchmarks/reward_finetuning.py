@@ -9,7 +9,7 @@ Every run trains a rank-8 LoRA (LCM-LoRA's targets) of ``training.ddpo.toy_pipel
 reward is that of two prompts no step trained on, 32 fixed initial noises each, paired with the base model's.
 
 - ``seeds``: the gain per training seed, for the tests' recipe (16 images a prompt, two updates a round on half of
-  its transitions each, learning rate 1e-2; 50 rounds of RLCM, 30 of DDPO) and the former one (4 images a prompt,
+  its transitions each, learning rate 1e-2; 100 rounds of RLCM, 60 of DDPO) and the former one (4 images a prompt,
   16 transitions an update, learning rate 3e-3, 300 updates), at PPO clip range 1e-2.
 - ``snr``: at the base model, ``|E g|^2 / tr Cov g`` of one round's policy gradient (4 prompts x 4 images) over
   ``--rounds`` independent rounds, in all and per denoising step: how much of an update is signal.
@@ -41,7 +41,7 @@ METHODS = ("ddpo", "rlcm")
 STEPS_PER_TRAJECTORY = {"ddpo": 10, "rlcm": 3}  # stochastic transitions: 10 DDIM steps; 4 LCM steps, the last exact
 # images_per_prompt, updates a round, learning rate and rounds (per method) of each recipe.
 RECIPES = {
-    "tests": dict(images_per_prompt=16, updates_per_round=2, learning_rate=1e-2, rounds={"ddpo": 30, "rlcm": 100}),
+    "tests": dict(images_per_prompt=16, updates_per_round=2, learning_rate=1e-2, rounds={"ddpo": 60, "rlcm": 100}),
     "former": dict(images_per_prompt=4, updates_per_round=None, learning_rate=3e-3, rounds=None),
 }
 
