@@ -11,6 +11,7 @@ import importlib
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .components import COMPONENTS, components_markdown_table, list_components
@@ -87,12 +88,12 @@ def _demo_schedulers(full: bool) -> dict[str, type]:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    start = time.perf_counter()
-    output = Path(args.output)
-    seconds = {}
     import diffusers.utils.logging
     import transformers.utils.logging
 
+    start = time.perf_counter()
+    output = Path(args.output)
+    seconds = {}
     diffusers.utils.logging.disable_progress_bar()  # the loading bars of the shipped models say nothing here
     transformers.utils.logging.disable_progress_bar()
     for part in args.parts or DEMO_PARTS:
@@ -185,7 +186,7 @@ SPEED_HOOK_METHODS = ("faster-diffusion", "feature-inheritance", "t-stitch", "ra
                       "diffusers TaylorSeer", "diffusers FirstBlockCache")
 
 
-def comma_separated(choices: tuple[str, ...]):
+def comma_separated(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         names = [name.strip() for name in text.split(",") if name.strip()]
         unknown = [name for name in names if name not in choices]
@@ -204,11 +205,12 @@ def add_speed_hooks_arguments(parser: argparse.ArgumentParser) -> argparse.Argum
     parser.add_argument("--latent-size", type=positive_int, default=32, help="latent side (64 is SD 1.5's 512 px)")
     parser.add_argument("--steps", type=positive_int, default=10, help="denoising steps of the full-size runs")
     parser.add_argument("--repeats", type=positive_int, default=1, help="interleaved repeats of every timed run")
-    parser.add_argument("--frames", type=positive_int, default=3, help="frames through the img2img stream")
+    parser.add_argument("--frames", type=positive_int, default=12,
+                        help="frames through the img2img stream (fewer frames weigh the stream's start-up more)")
     parser.add_argument("--sections", type=comma_separated(SPEED_HOOK_SECTIONS),
                         default=["sd15", "stream", "oracle", "trained"],
                         help=f"comma-separated, from: {', '.join(SPEED_HOOK_SECTIONS)} "
-                             "(default: sd15,stream,oracle,trained, about a quarter of an hour on 2 cores)")
+                             "(default: sd15,stream,oracle,trained, about 7 minutes on 2 cores)")
     parser.add_argument("--sd3", action="store_true", help="add the SD3-medium-shaped transformer section")
     parser.add_argument("--sdxl", action="store_true", help="add the SDXL UNet section")
     parser.add_argument("--flux", action="store_true", help="add the Flux-shaped transformer section")

@@ -3,7 +3,7 @@
     python benchmarks/speed_hooks.py [--output benchmarks/results] [--latent-size 32] [--steps 10] [--repeats 1]
         [--sections sd15,stream,oracle,trained] [--sd3] [--sdxl] [--flux] [--methods faster-diffusion,ras,...]
 
-Sections (default: sd15, stream, oracle and trained, about a quarter of an hour on 2 shared cores; the transformer
+Sections (default: sd15, stream, oracle and trained, about 7 minutes on 2 cores; the transformer
 sections with ``--sd3`` / ``--flux``, SDXL with ``--sdxl``; ``--steps 50`` or ``--latent-size 64`` for the figures
 at the papers' settings, which take an hour each here):
 
