@@ -4,7 +4,7 @@ benchmark lives in ``diffusers_ext.hooks.benchmark`` (its docstring says what ea
 
     python benchmarks/speed_hooks.py                                    # sd15, stream, oracle, trained (~7 min)
     python benchmarks/speed_hooks.py --sections sd15 --steps 50 --methods faster-diffusion
-    python benchmarks/speed_hooks.py --sections none --sd3 --latent-size 64
+    python benchmarks/speed_hooks.py --sections sd3 --latent-size 64
 """
 
 import sys

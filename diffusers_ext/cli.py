@@ -189,6 +189,8 @@ SPEED_HOOK_METHODS = ("faster-diffusion", "feature-inheritance", "t-stitch", "ra
 def comma_separated(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         names = [name.strip() for name in text.split(",") if name.strip()]
+        if not names:
+            raise argparse.ArgumentTypeError(f"name at least one of {', '.join(choices)}")
         unknown = [name for name in names if name not in choices]
         if unknown:
             raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, unknown))}; choose from "
@@ -206,7 +208,7 @@ def add_speed_hooks_arguments(parser: argparse.ArgumentParser) -> argparse.Argum
     parser.add_argument("--steps", type=positive_int, default=10, help="denoising steps of the full-size runs")
     parser.add_argument("--repeats", type=positive_int, default=1, help="interleaved repeats of every timed run")
     parser.add_argument("--frames", type=positive_int, default=12,
-                        help="frames through the img2img stream (fewer frames weigh the stream's start-up more)")
+                        help="frames timed through the img2img stream")
     parser.add_argument("--sections", type=comma_separated(SPEED_HOOK_SECTIONS),
                         default=["sd15", "stream", "oracle", "trained"],
                         help=f"comma-separated, from: {', '.join(SPEED_HOOK_SECTIONS)} "
@@ -215,9 +217,10 @@ def add_speed_hooks_arguments(parser: argparse.ArgumentParser) -> argparse.Argum
     parser.add_argument("--sdxl", action="store_true", help="add the SDXL UNet section")
     parser.add_argument("--flux", action="store_true", help="add the Flux-shaped transformer section")
     parser.add_argument("--flux-blocks", type=positive_int, default=2,
-                        help="double-stream blocks of the Flux-shaped model")
+                        help="double-stream blocks of the Flux-shaped model (and twice as many single-stream ones)")
     parser.add_argument("--methods", type=comma_separated(SPEED_HOOK_METHODS), default=[],
-                        help=f"comma-separated, from: {', '.join(SPEED_HOOK_METHODS)} (default: all)")
+                        help="which methods the sd15 / sdxl / sd3 / flux sections run (quote names with spaces), "
+                             f"comma-separated, from: {', '.join(SPEED_HOOK_METHODS)} (default: all)")
     parser.add_argument("--call-latent-size", type=positive_int, default=64, help="latent side of the calls section")
     parser.add_argument("--call-repeats", type=positive_int, default=3,
                         help="timed pairs of calls in the calls section")
@@ -232,6 +235,9 @@ def _speed_hooks(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusers-ext", description=__doc__.split("\n\n")[0])
+    # A ValueError from a command is the user's (a file, a scheduler name) and prints as one line; the benchmark's
+    # options are all checked by argparse, so one from inside its long run is a bug and keeps its traceback.
+    parser.set_defaults(user_errors=ValueError)
     commands = parser.add_subparsers(dest="command", required=True)
 
     kinds = sorted({c.kind for c in COMPONENTS})
@@ -291,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         "speed-hooks", help="speed hooks against the stock pipelines and diffusers' caches: wall time, FLOPs, fidelity",
         description="Speed hooks against the stock pipelines and diffusers' own caches in one run: wall-time and "
                     "CPU-time ratios, FLOPs, fidelity to the stock output; writes speed_hooks.csv and speed_hooks.png.")
-    add_speed_hooks_arguments(speed_hooks).set_defaults(run=_speed_hooks)
+    add_speed_hooks_arguments(speed_hooks).set_defaults(run=_speed_hooks, user_errors=())
 
     # Listed here for --help; main() hands its arguments to training/cli.py.
     commands.add_parser("train", add_help=False,
@@ -310,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         try:
             args.run(args)
-        except ValueError as error:  # the package's clear errors about what the user asked for
+        except args.user_errors as error:  # the package's clear errors about what the user asked for
             print(f"{parser.prog} {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
             return 2
     except BrokenPipeError:  # the reader went away (``diffusers-ext list | head``): stop quietly

@@ -12,8 +12,8 @@ class Component:
 
     Attributes:
         name: the class or function users import, ``from diffusers_ext import <name>``.
-        kind: ``scheduler``, ``pipeline``, ``model``, ``trainer``, ``guidance``, ``speed`` (hooks that make a stock
-            pipeline faster) or ``oracle``.
+        kind: ``scheduler``, ``pipeline``, ``model``, ``trainer``, ``guidance``, ``speed`` (``diffusers_ext.hooks``:
+            hooks on a stock pipeline's denoiser that make it faster, or let it sample at other sizes) or ``oracle``.
         module: the module defining it.
         summary: one line on what it does.
         paper: the paper's title, ``None`` for the project's own tools.

@@ -15,9 +15,7 @@ and make every update average 96 (RLCM) or 320 (DDPO) transitions.
 Measured with this recipe over training seeds 0-4 (``python benchmarks/reward_finetuning.py seeds --recipes tests``;
 each +- 0.0006 to 0.0008): RLCM +0.0196 to +0.0262 kB (+0.0183 to +0.0241 with SSE4.2-class kernels, seeds 0, 3, 4);
 DDPO +0.0048 to +0.0171 (+0.0056 for seed 4 with SSE4.2-class kernels). DDPO at 30 rounds gave +0.0024 to +0.0134,
-too close to four standard errors on two seeds. ``snr`` prints the signal-to-noise figures. The clip range matters
-less than it seems: at 1e-2 under 10 % of ratios leave the clip interval; at the papers' 1e-4 nearly all do after a
-round's first update, which then carries all of its learning.
+too close to four standard errors on two seeds. ``snr`` prints the signal-to-noise figures.
 """
 
 from __future__ import annotations

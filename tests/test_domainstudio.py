@@ -81,11 +81,9 @@ def diversity_comparison(prompts, tmp_path_factory, training_seed):
 
 
 def leave_one_out_diversities(latents: torch.Tensor) -> torch.Tensor:
-    """``pairwise_diversity`` (in float64) of the set without each sample in turn: the jackknife's replicates."""
-    flat = latents.flatten(1).double()
-    distances = torch.cdist(flat, flat, compute_mode="donot_use_mm_for_euclid_dist") / flat.shape[1] ** 0.5
-    count = len(flat)
-    return (distances.sum() / 2 - distances.sum(dim=1)) / ((count - 1) * (count - 2) / 2)
+    """``pairwise_diversity`` of the set without each sample in turn: the jackknife's replicates."""
+    return torch.tensor([pairwise_diversity(torch.cat([latents[:i], latents[i + 1:]])) for i in range(len(latents))],
+                        dtype=torch.float64)
 
 
 def jackknife_standard_error(replicates: torch.Tensor) -> float:
