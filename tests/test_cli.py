@@ -81,3 +81,21 @@ def test_bench_speed_hooks_checks_its_options_before_importing_torch():
         result = run_cli("bench", "speed-hooks", *arguments)
         assert message in one_line_error(result)
         assert "torch imported: False" in result.stdout
+
+
+def test_bench_speed_hooks_runs_the_sections_it_is_given_and_writes_its_table_and_plot(tmp_path, monkeypatch, capsys):
+    """The command's plumbing, with the two cheap-to-stub sections standing in for the measurements (the real ones
+    take minutes; benchmarks/speed_hooks.py runs them)."""
+    from diffusers_ext.hooks import benchmark
+
+    row = benchmark.Row("trained", "faster-diffusion", float("nan"), float("nan"), float("nan"), float("nan"),
+                        float("nan"), 15, 35.0, 0.9, "stub")
+    stitch = [benchmark.StitchRow(2, 1, fraction, 0.1 + fraction, fraction, 0.01) for fraction in (0.0, 0.4, 1.0)]
+    ran = []
+    monkeypatch.setattr(benchmark, "trained_section", lambda: ran.append("trained") or [row])
+    monkeypatch.setattr(benchmark, "oracle_section", lambda: ran.append("oracle") or stitch)
+    assert main(["bench", "speed-hooks", "--sections", "trained,oracle", "--output", str(tmp_path)]) == 0
+    assert ran == ["trained", "oracle"]
+    assert (tmp_path / "speed_hooks.csv").read_text().splitlines()[1].startswith("trained,faster-diffusion")
+    assert (tmp_path / "speed_hooks.png").stat().st_size > 0
+    assert "35.0" in capsys.readouterr().out
