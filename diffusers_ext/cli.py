@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Gaussian-mixture oracle: error versus NFE, 2-D scatter), 'steering' (steering hooks toward exact "
                     "tilted and posterior laws), 'text' (the shipped masked-diffusion language model generates and "
                     "infills), 'restoration' (the shipped ResShift model super-resolves held-out photos). All parts "
-                    "by default, in about a minute on 2 CPU cores; --full runs the sampler part at full size.")
+                    "by default, in under a minute on 2 CPU cores; --full runs the sampler part at full size.")
     demo.add_argument("parts", nargs="*", type=demo_part, metavar="PART",
                       help=f"which parts to run ({', '.join(DEMO_PARTS)}; default: all)")
     demo.add_argument("--output", default="demo_output", help="folder for the plots and tables (default: %(default)s)")
