@@ -4,12 +4,13 @@ the official code's formulas, and at toy scale both raise the JPEG compressibili
 The effect runs share one recipe (a rank-8 LoRA on LCM-LoRA's targets, learning rate 1e-2, PPO clip range 1e-2, four
 prompts x 16 images a round, two updates a round on half of its transitions each) for 100 rounds of RLCM (4 steps)
 and 60 of DDPO (10 steps). At this scale one round's policy gradient is nearly all noise: at the base model its
-signal-to-noise ratio ``|E g|^2 / tr Cov g`` for 16 trajectories is about 0.004 (RLCM) and 0.002 (DDPO), and 93 % of
-RLCM's variance comes from its first transition (t = 999 -> 759, where LCM's consistency function divides the noise
-prediction by sqrt(alphas_cumprod) = 0.068). With 16 trajectories a round and updates on 16 transitions (the former
-recipe) the held-out gain was a lottery over training seeds and floating-point rounding: RLCM +0.0017 to +0.0146 kB
-over seeds 0-5, -0.0001 for seed 5 with SSE4.2 kernels (and -0.0009 on another machine's CPU); DDPO -0.0001 to
-+0.0104. Four times the trajectories a round cost little more here (the tiny UNet's time goes to per-call overhead)
+signal-to-noise ratio ``|E g|^2 / tr Cov g`` for 16 trajectories is 0.0036 for RLCM, with 89 % of its variance from
+the first transition (t = 999 -> 759, where LCM's consistency function divides the noise prediction by
+sqrt(alphas_cumprod) = 0.068), and for DDPO too small to tell from zero over 12 rounds (the unbiased estimate of
+``|E g|^2`` came out negative; ``python benchmarks/reward_finetuning.py snr``). With 16 trajectories a round and
+updates on 16 transitions (the former recipe) the held-out gain was a lottery over training seeds and floating-point
+rounding: RLCM +0.0017 to +0.0146 kB over seeds 0-5, -0.0001 for seed 5 with SSE4.2 kernels (and -0.0009 on another
+machine's CPU); DDPO -0.0001 to +0.0104. Four times the trajectories a round cost little more here (the tiny UNet's time goes to per-call overhead)
 and make every update average 96 (RLCM) or 320 (DDPO) transitions.
 
 Measured with this recipe over training seeds 0-4 (``python benchmarks/reward_finetuning.py seeds --recipes tests``;

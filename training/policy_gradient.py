@@ -204,9 +204,10 @@ class PolicyGradientObjective:
         clip_range, advantage_clip: PPO's ``epsilon`` and ``A_max``.
         buffer_size, min_count: the per-prompt reward statistics (``RewardNormalizer``).
         transitions_per_batch: transitions per micro-batch. One round's policy gradient is mostly noise unless it
-            averages many trajectories (at toy scale, one round of 16 trajectories has a signal-to-noise ratio near
-            0.004 for RLCM and 0.002 for DDPO, and the reward gained became a matter of the seed); the tests' toy runs take 64 trajectories a round and
-            update on half of a round's transitions at a time.
+            averages many trajectories (at toy scale, one round of 16 trajectories has a signal-to-noise ratio of
+            0.0036 for RLCM and one too small to measure over 12 rounds for DDPO, and the reward gained became a
+            matter of the seed); the tests' toy runs take 64 trajectories a round and update on half of a round's
+            transitions at a time.
         num_inner_epochs: passes over a round's transitions.
         validation_prompts, validation_seeds: ``validate`` returns the pipeline's own images for each prompt and
             seed (``validation_images``).
