@@ -10,8 +10,8 @@ sqrt(alphas_cumprod) = 0.068), and for DDPO too small to tell from zero over 12 
 ``|E g|^2`` came out negative; ``python benchmarks/reward_finetuning.py snr``). With 16 trajectories a round and
 updates on 16 transitions (the former recipe) the held-out gain was a lottery over training seeds and floating-point
 rounding: RLCM +0.0017 to +0.0146 kB over seeds 0-5, -0.0001 for seed 5 with SSE4.2 kernels (and -0.0009 on another
-machine's CPU); DDPO -0.0001 to +0.0104. Four times the trajectories a round cost little more here (the tiny UNet's time goes to per-call overhead)
-and make every update average 96 (RLCM) or 320 (DDPO) transitions.
+machine's CPU); DDPO -0.0001 to +0.0104. Four times the trajectories a round cost little more here (the tiny UNet's
+time goes to per-call overhead) and make every update average 96 (RLCM) or 320 (DDPO) transitions.
 
 Measured with this recipe over training seeds 0-4 (``python benchmarks/reward_finetuning.py seeds --recipes tests``;
 each +- 0.0006 to 0.0008): RLCM +0.0196 to +0.0262 kB (+0.0183 to +0.0241 with SSE4.2-class kernels, seeds 0, 3, 4);
