@@ -36,6 +36,17 @@ def split_heads(batch_size: int, heads: int, head_dim: int, *projections: torch.
     return [p.view(batch_size, -1, heads, head_dim).transpose(1, 2) for p in projections]
 
 
+def normalized_heads(attn, batch_size: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+    """The projections split into heads, with the layer's query / key norms applied; and the head dimension."""
+    head_dim = key.shape[-1] // attn.heads
+    query, key, value = split_heads(batch_size, attn.heads, head_dim, query, key, value)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value, head_dim
+
+
 def self_attention(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                    attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
                    logit_scale: float | None = None) -> torch.Tensor:
@@ -63,12 +74,7 @@ def self_attention(attn, hidden_states: torch.Tensor, encoder_hidden_states: tor
     key = attn.to_k(encoder_hidden_states)
     value = attn.to_v(encoder_hidden_states)
 
-    head_dim = key.shape[-1] // attn.heads
-    query, key, value = split_heads(batch_size, attn.heads, head_dim, query, key, value)
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
+    query, key, value, head_dim = normalized_heads(attn, batch_size, query, key, value)
 
     hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
                                                    is_causal=False, scale=softmax_scale(logit_scale, head_dim))
@@ -90,12 +96,7 @@ def joint_attention(attn, hidden_states: torch.Tensor, encoder_hidden_states: to
     query = attn.to_q(hidden_states)
     key = attn.to_k(hidden_states)
     value = attn.to_v(hidden_states)
-    head_dim = key.shape[-1] // attn.heads
-    query, key, value = split_heads(batch_size, attn.heads, head_dim, query, key, value)
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
+    query, key, value, head_dim = normalized_heads(attn, batch_size, query, key, value)
     if complete_image_kv is not None:
         key, value = complete_image_kv(key, value)
 

@@ -178,12 +178,17 @@ def sd3_pipeline() -> StableDiffusion3Pipeline:
     return pipe
 
 
-def sd3_inputs(latent_size: int, steps: int) -> dict:
+def transformer_inputs(text_tokens: int, pooled_dim: int, latent_size: int, steps: int) -> dict:
+    """A transformer pipeline's call with random prompt embeddings (4096 wide, as T5-XXL's) and a fixed seed."""
     generator = torch.Generator().manual_seed(1)
-    return dict(prompt_embeds=torch.randn(1, SD3_TEXT_TOKENS, 4096, generator=generator),
-                pooled_prompt_embeds=torch.randn(1, 2048, generator=generator), num_inference_steps=steps,
-                guidance_scale=1.0, height=8 * latent_size, width=8 * latent_size, output_type="latent",
+    return dict(prompt_embeds=torch.randn(1, text_tokens, 4096, generator=generator),
+                pooled_prompt_embeds=torch.randn(1, pooled_dim, generator=generator), num_inference_steps=steps,
+                height=8 * latent_size, width=8 * latent_size, output_type="latent",
                 generator=torch.Generator().manual_seed(0))
+
+
+def sd3_inputs(latent_size: int, steps: int) -> dict:
+    return transformer_inputs(SD3_TEXT_TOKENS, 2048, latent_size, steps) | {"guidance_scale": 1.0}
 
 
 def flux_pipeline(blocks: int) -> FluxPipeline:
@@ -200,11 +205,7 @@ def flux_pipeline(blocks: int) -> FluxPipeline:
 
 
 def flux_inputs(latent_size: int, steps: int) -> dict:
-    generator = torch.Generator().manual_seed(1)
-    return dict(prompt_embeds=torch.randn(1, FLUX_TEXT_TOKENS, 4096, generator=generator),
-                pooled_prompt_embeds=torch.randn(1, 768, generator=generator), num_inference_steps=steps,
-                height=8 * latent_size, width=8 * latent_size, output_type="latent",
-                generator=torch.Generator().manual_seed(0))
+    return transformer_inputs(FLUX_TEXT_TOKENS, 768, latent_size, steps)
 
 
 # Methods: each attaches to a pipeline and returns the function that detaches it --------------------------------
@@ -382,6 +383,19 @@ def free(*objects) -> None:
 # Sections ---------------------------------------------------------------------------------------------------------
 
 
+def compare_chosen(section: str, pipe, make_inputs, methods: dict[str, Attach | None], notes: dict[str, str],
+                   recorder: TimestepRecorder, args) -> list[Row]:
+    """``compare`` on the methods ``--methods`` chose (all when it is empty), with ``recorder`` reading each
+    denoiser call's timestep for PAB."""
+    methods = {k: v for k, v in methods.items() if k == "stock" or not args.methods or k in args.methods}
+    model = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    handle = model.register_forward_pre_hook(recorder, with_kwargs=True)
+    try:
+        return compare(section, pipe, make_inputs, methods, args.repeats, notes)
+    finally:
+        handle.remove()
+
+
 def unet_section(section: str, pipe, make_inputs, args, include_t_stitch: bool) -> list[Row]:
     recorder = TimestepRecorder()
     methods: dict[str, Attach | None] = {
@@ -400,13 +414,7 @@ def unet_section(section: str, pipe, make_inputs, args, include_t_stitch: bool) 
         small = sd15_unet(layers_per_block=1)
         methods["t-stitch"] = speed_hook(lambda: TStitch(small=small, fraction=0.4))
         notes["t-stitch"] = "first 40% by a 1-layer-per-block UNet (random weights: fidelity n/a)"
-    methods = {k: v for k, v in methods.items() if k == "stock" or not args.methods or k in args.methods}
-    # PAB reads the timestep of the latest call.
-    handle = pipe.unet.register_forward_pre_hook(recorder, with_kwargs=True)
-    try:
-        return compare(section, pipe, make_inputs, methods, args.repeats, notes)
-    finally:
-        handle.remove()
+    return compare_chosen(section, pipe, make_inputs, methods, notes, recorder, args)
 
 
 def transformer_section(section: str, pipe, make_inputs, args) -> list[Row]:
@@ -424,12 +432,7 @@ def transformer_section(section: str, pipe, make_inputs, args) -> list[Row]:
     if is_flux:
         methods["diffusers FirstBlockCache"] = first_block_cache(0.1)
         notes["diffusers FirstBlockCache"] = "threshold 0.1"
-    methods = {k: v for k, v in methods.items() if k == "stock" or not args.methods or k in args.methods}
-    handle = pipe.transformer.register_forward_pre_hook(recorder, with_kwargs=True)
-    try:
-        return compare(section, pipe, make_inputs, methods, args.repeats, notes)
-    finally:
-        handle.remove()
+    return compare_chosen(section, pipe, make_inputs, methods, notes, recorder, args)
 
 
 def stream_section(args) -> list[Row]:
