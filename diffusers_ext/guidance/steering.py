@@ -4,8 +4,9 @@ detaches leaving the pipeline exactly as it was.
 
 How it attaches (public diffusers APIs only):
 
-- ``pipe.scheduler`` is replaced by a ``SteeredScheduler`` that forwards everything to the original scheduler but
-  runs the method around ``step``. ``pipe.scheduler = original`` on detach restores the object and ``model_index``.
+- ``pipe.scheduler`` is replaced by a ``SteeredScheduler`` (a ``diffusers_ext.scheduler_proxy.SchedulerProxy``) that
+  forwards everything to the original scheduler but runs the method around ``step``; detaching takes it out again,
+  restoring the object and ``model_index``.
 - Methods that call the denoiser themselves (gradients through it, scoring candidates) record the pipeline's last
   denoiser call with a removable torch forward pre-hook, and re-run it on their own samples, combining the
   classifier-free-guidance halves with ``pipe.guidance_scale`` as the pipeline does.
@@ -17,7 +18,6 @@ x0 predictions come from ``diffusers_ext.diffusion_math`` for VP (DDPM family) a
 from __future__ import annotations
 
 import copy
-import functools
 import inspect
 import zlib
 from collections.abc import Callable, Iterator
@@ -36,6 +36,14 @@ from ..diffusion_math import (
     x0_and_eps_from_prediction,
 )
 from ..method_settings import MethodSettingsMixin
+from ..scheduler_proxy import (
+    SchedulerProxy,
+    install_scheduler_proxy,
+    plain_scheduler,
+    proxies_of,
+    remove_scheduler_proxy,
+    with_prev_sample,
+)
 
 Reward = Callable[[torch.Tensor], torch.Tensor]  # higher is better
 Loss = Callable[[torch.Tensor], torch.Tensor]  # lower is better
@@ -97,7 +105,7 @@ def step_can_add_noise(scheduler: Any) -> bool:
     """Whether ``scheduler.step`` can be stochastic: one step of a copy (``eta=1`` where the step takes an ``eta``) on
     two identical rows, which a stochastic step sends apart. The copy and a forked RNG leave the scheduler and the
     global random state untouched."""
-    probe = copy.deepcopy(scheduler)
+    probe = copy.deepcopy(plain_scheduler(scheduler))
     probe.set_timesteps(10)
     parameters = inspect.signature(probe.step).parameters
     with torch.random.fork_rng(devices=[]):
@@ -192,36 +200,22 @@ class DenoiserCall:
         return prediction.to(sample.dtype)
 
 
-class SteeredScheduler:
-    """Stands in for a pipeline's scheduler while a steering method is attached.
+class SteeredScheduler(SchedulerProxy):
+    """Stands in for a pipeline's scheduler while a steering method is attached: ``set_timesteps`` starts the method's
+    run and ``step`` runs the method around the scheduler's own step."""
 
-    Every attribute is the original scheduler's; ``set_timesteps`` (which starts a run) and ``step`` are the
-    original ones wrapped with the method, keeping their signatures, which pipelines inspect.
-    """
+    own_attributes = SchedulerProxy.own_attributes | {"method", "step_signature"}
 
     def __init__(self, scheduler: Any, method: SteeringMethod):
-        object.__setattr__(self, "scheduler", scheduler)
-        object.__setattr__(self, "method", method)
-        object.__setattr__(self, "_step_signature", inspect.signature(scheduler.step))
+        super().__init__(scheduler)
+        self.method = method
+        self.step_signature = inspect.signature(scheduler.step)
 
-        def set_timesteps(*args, **kwargs):
-            scheduler.set_timesteps(*args, **kwargs)
-            method._begin_run()
+    def begin_run(self) -> None:
+        self.method._begin_run()
 
-        def step(*args, **kwargs):
-            return self._steered_step(*args, **kwargs)
-
-        object.__setattr__(self, "set_timesteps", functools.wraps(scheduler.set_timesteps)(set_timesteps))
-        object.__setattr__(self, "step", functools.wraps(scheduler.step)(step))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(object.__getattribute__(self, "scheduler"), name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self.scheduler, name, value)
-
-    def _steered_step(self, *args, **kwargs):
-        bound = self._step_signature.bind(*args, **kwargs)
+    def wrapped_step(self, *args, **kwargs):
+        bound = self.step_signature.bind(*args, **kwargs)
         if self.method.step_index == 0:
             self.method._check_step_is_stochastic(bound)
         model_output, timestep, sample = (bound.arguments[k] for k in ("model_output", "timestep", "sample"))
@@ -229,11 +223,7 @@ class SteeredScheduler:
         bound.arguments["model_output"], bound.arguments["sample"] = self.method.before_step(step)
         output = self.scheduler.step(*bound.args, **bound.kwargs)
         prev_sample = self.method._propose(step, bound.arguments["model_output"], bound.arguments["sample"], output[0])
-        prev_sample = self.method.after_step(step, prev_sample)
-        if isinstance(output, tuple):
-            return (prev_sample, *output[1:])
-        output.prev_sample = prev_sample
-        return output
+        return with_prev_sample(output, self.method.after_step(step, prev_sample))
 
 
 class SteeringMethod(MethodSettingsMixin):
@@ -258,7 +248,7 @@ class SteeringMethod(MethodSettingsMixin):
 
     def __init__(self) -> None:
         self.pipeline = None
-        self._original_scheduler = None
+        self._proxy: SteeredScheduler | None = None
         self._denoiser_call: DenoiserCall | None = None
         self.generator: torch.Generator | None = None
         self.step_index = 0
@@ -273,7 +263,7 @@ class SteeringMethod(MethodSettingsMixin):
         scheduler = getattr(pipeline, "scheduler", None)
         if scheduler is None or not hasattr(scheduler, "step"):
             raise ValueError(f"{type(pipeline).__name__} has no scheduler to steer")
-        if isinstance(scheduler, SteeredScheduler):
+        if any(isinstance(proxy, SteeredScheduler) for proxy in proxies_of(scheduler)):
             raise ValueError("this pipeline is already steered; detach the other method first")
         path = noise_path_from_scheduler_config(scheduler.config)
         if path not in self.supported_noise_paths:
@@ -307,18 +297,17 @@ class SteeringMethod(MethodSettingsMixin):
         if self.uses_denoiser:
             self._denoiser_call = DenoiserCall(pipeline)
         self.pipeline = pipeline
-        self._original_scheduler = scheduler
-        pipeline.scheduler = SteeredScheduler(scheduler, self)
+        self._proxy = install_scheduler_proxy(pipeline, lambda wrapped: SteeredScheduler(wrapped, self))
         return self
 
     def detach(self) -> None:
         """Give the pipeline its scheduler back and remove every hook."""
         if self.pipeline is None:
             return
-        self.pipeline.scheduler = self._original_scheduler
+        remove_scheduler_proxy(self.pipeline, self._proxy)
         if self._denoiser_call is not None:
             self._denoiser_call.remove()
-        self.pipeline = self._original_scheduler = self._denoiser_call = None
+        self.pipeline = self._proxy = self._denoiser_call = None
 
     @contextmanager
     def attached(self, pipeline: Any) -> Iterator[SteeringMethod]:
@@ -348,7 +337,8 @@ class SteeringMethod(MethodSettingsMixin):
 
     @property
     def scheduler(self) -> Any:
-        return self._original_scheduler
+        """The scheduler the method's proxy wraps (``None`` while detached)."""
+        return None if self._proxy is None else self._proxy.scheduler
 
     def _begin_run(self) -> None:
         self.step_index = 0

@@ -8,7 +8,9 @@ How a hook attaches (public diffusers APIs only):
   the instance ``forward`` it left, so the module is as it was;
 - attention processors swapped with each attention module's ``set_processor`` and put back, the same objects, on
   ``detach``;
-- nothing else: the pipeline's ``__call__``, its scheduler and the model classes are untouched.
+- a ``diffusers_ext.scheduler_proxy.SchedulerProxy`` stacked on ``pipe.scheduler`` where a method changes the sample
+  between steps (Faster Diffusion's prior noise injection), taken out of the stack on ``detach``;
+- nothing else: the pipeline's ``__call__``, the scheduler object and the model classes are untouched.
 
 Stock SD / SDXL / SD3 pipelines do not tell a model which step it is at, so ``DenoisingClock`` counts denoiser calls:
 a run starts when ``scheduler.set_timesteps`` has replaced ``scheduler.timesteps`` (every pipeline calls it once per
@@ -49,9 +51,10 @@ def check_denoiser_type(denoiser: torch.nn.Module, supported: tuple[type, ...], 
 
 
 def check_fraction(value: Any, name: str, *, include_zero: bool = True, include_one: bool = True) -> float:
-    low_ok = value >= 0 if include_zero else value > 0
-    high_ok = value <= 1 if include_one else value < 1
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (low_ok and high_ok):
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    low_ok = is_number and (value >= 0 if include_zero else value > 0)
+    high_ok = is_number and (value <= 1 if include_one else value < 1)
+    if not (low_ok and high_ok):
         interval = f"{'[' if include_zero else '('}0, 1{']' if include_one else ')'}"
         raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
     return float(value)
