@@ -297,7 +297,8 @@ COMPONENTS: tuple[Component, ...] = (
         "speed",
         "diffusers_ext.hooks",
         "UNet encoder propagation: the encoder runs at key steps only, its features (and ControlNet residuals) "
-        "reused by decoder-only steps (SD 1.x / 2.x / SDXL UNets)",
+        "reused by decoder-only steps, with prior noise injection and optional parallel decoding "
+        "(SD 1.x / 2.x / SDXL UNets)",
         "Faster Diffusion: Rethinking the Role of the Encoder for Diffusion Model Inference",
         "2312.09608",
         "experimental",

@@ -153,3 +153,60 @@ def test_trained_unet2d_model_keeps_30_db_to_its_stock_output():
     fidelity = psnr(accelerated["restored"], stock["restored"]).mean()
     print(f"\nFaster Diffusion on the shipped model: {float(fidelity):.1f} dB to the stock output")
     assert 30 <= fidelity < float("inf"), fidelity
+
+
+def close_to(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Equal up to float32 rounding of batched against single convolutions (relative to the largest value)."""
+    return float((actual - expected).abs().max()) <= 1e-5 * float(expected.abs().max()) + 1e-6
+
+
+@pytest.mark.parametrize("make_pipe", [sd_pipeline, lambda: tiny_sdxl(sd_scheduler()),
+                                       lambda: tiny_controlnet_stable_diffusion(sd_scheduler())],
+                         ids=["sd", "sdxl", "controlnet"])
+def test_parallel_decoding_gives_the_sequential_run(make_pipe):
+    pipe = make_pipe()
+    inputs = stable_diffusion_inputs(num_inference_steps=10, output_type="latent")
+    if hasattr(pipe, "controlnet"):
+        inputs["image"] = control_image()
+    if hasattr(pipe, "text_encoder_2"):
+        inputs = dict(prompt="a cat", num_inference_steps=10, height=8, width=8, output_type="latent")
+    run = lambda: pipe(**inputs | {"generator": torch.Generator().manual_seed(0)}).images  # noqa: E731
+    stock = run()
+    with FasterDiffusion(key_steps=[0, 3, 6], reference_steps=10).attached(pipe):
+        sequential = run()
+    with FasterDiffusion(key_steps=[0, 3, 6], reference_steps=10, parallel_decoding=True).attached(pipe) as faster:
+        parallel = run()
+    # Key steps 0, 3, 6: the 7 other steps come from three batched decoder calls (2, 2 and 3 steps).
+    assert faster.encoder.calls == {"compute": 3, "reuse": 7} and faster.encoder.decoded_ahead == 7
+    assert close_to(parallel, sequential)
+    assert not close_to(parallel, stock)  # not vacuous: the non-key steps do reuse the encoder
+
+
+def test_parallel_decoding_recomputes_a_step_whose_conditioning_changed():
+    """A callback that changes the prompt embeddings after step 1: steps 2 onwards are called with other
+    conditioning than the batch after key step 0 was computed with, so they run their own decoder."""
+    pipe = sd_pipeline()
+
+    def louder_prompt(pipeline, i, t, callback_kwargs):
+        return {"prompt_embeds": callback_kwargs["prompt_embeds"] * 1.5} if i == 1 else {}
+
+    inputs = lambda: stable_diffusion_inputs(num_inference_steps=10, output_type="latent",  # noqa: E731
+                                             callback_on_step_end=louder_prompt,
+                                             callback_on_step_end_tensor_inputs=["prompt_embeds"])
+    with FasterDiffusion(key_steps=[0, 6], reference_steps=10).attached(pipe):
+        sequential = pipe(**inputs()).images
+    with FasterDiffusion(key_steps=[0, 6], reference_steps=10, parallel_decoding=True).attached(pipe) as faster:
+        parallel = pipe(**inputs()).images
+    # Steps 1-5 were batched after key step 0; only step 1 still had the conditioning they were batched with.
+    # Steps 7-9 were batched after key step 6, with the new conditioning.
+    assert faster.encoder.decoded_ahead == 1 + 3
+    assert close_to(parallel, sequential)
+
+
+def test_parallel_decoding_needs_the_key_steps_controlnet_residuals():
+    pipe = tiny_controlnet_stable_diffusion(sd_scheduler())
+    with pytest.raises(ValueError, match="parallel_decoding needs reuse_controlnet=True"):
+        FasterDiffusion(parallel_decoding=True, reuse_controlnet=False).attach(pipe)
+    assert not hasattr(pipe.unet, "_diffusers_hook") and not hasattr(pipe.controlnet, "_diffusers_hook")
+    with pytest.raises(ValueError, match="parallel_decoding must be True or False"):
+        FasterDiffusion(parallel_decoding="yes")

@@ -127,6 +127,10 @@ class DenoisingClock:
         num_calls = None if length is None else length - begin
         return ClockReading(self._run, index, num_calls, begin + index, length)
 
+    def timestep_at(self, schedule_index: int) -> torch.Tensor:
+        """The timestep the pipeline passes at ``schedule_index`` of its current run."""
+        return self.pipeline.scheduler.timesteps[schedule_index]
+
     def reset(self) -> None:
         self._timesteps = None
         self._calls.clear()

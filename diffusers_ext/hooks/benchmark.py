@@ -17,7 +17,8 @@ at the papers' settings, which take an hour each here):
   the first repeat. Fidelity: PSNR / SSIM of the final latents to the stock latents (scaled to [-1, 1] by the stock
   latents' range). Random weights make the fidelity figures a check that the method is wired right, not a
   quality measure: the trained-model section measures quality.
-  Methods: ours (Faster Diffusion with the paper's key steps, feature inheritance of the deepest blocks, T-Stitch
+  Methods: ours (Faster Diffusion with the paper's key steps, with and without its prior noise injection and with
+  parallel decoding, feature inheritance of the deepest blocks, T-Stitch
   with a UNet of half the depth, RAS with the official SD3 settings) and diffusers' caches that run on the model
   (Pyramid Attention Broadcast, TaylorSeer with explicit identifiers on the UNet, FirstBlockCache on Flux).
 - ``stream``: StreamDiffusion against the naive per-frame img2img loop at the same step count (SD 1.5 UNet, a
@@ -387,7 +388,8 @@ def compare_chosen(section: str, pipe, make_inputs, methods: dict[str, Attach | 
                    recorder: TimestepRecorder, args) -> list[Row]:
     """``compare`` on the methods ``--methods`` chose (all when it is empty), with ``recorder`` reading each
     denoiser call's timestep for PAB."""
-    methods = {k: v for k, v in methods.items() if k == "stock" or not args.methods or k in args.methods}
+    methods = {k: v for k, v in methods.items()
+               if k == "stock" or not args.methods or k.split(" (")[0] in args.methods}
     model = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
     handle = model.register_forward_pre_hook(recorder, with_kwargs=True)
     try:
@@ -401,12 +403,16 @@ def unet_section(section: str, pipe, make_inputs, args, include_t_stitch: bool) 
     methods: dict[str, Attach | None] = {
         "stock": None,
         "faster-diffusion": speed_hook(lambda: FasterDiffusion()),
+        "faster-diffusion (no prior noise)": speed_hook(lambda: FasterDiffusion(prior_noise_injection=0)),
+        "faster-diffusion (parallel decoding)": speed_hook(lambda: FasterDiffusion(parallel_decoding=True)),
         "feature-inheritance": speed_hook(lambda: FeatureInheritance(
             modules=[f"down_blocks.{len(pipe.unet.down_blocks) - 1}", "mid_block", "up_blocks.0"], interval=2)),
         "diffusers PAB": pab(recorder, cross=True),
         "diffusers TaylorSeer": taylorseer(["mid_block", r"up_blocks\.\d+"]),
     }
-    notes = {"faster-diffusion": "paper key steps (scaled to the run)",
+    notes = {"faster-diffusion": "paper key steps (scaled to the run), prior noise injection",
+             "faster-diffusion (no prior noise)": "paper key steps, prior_noise_injection=0",
+             "faster-diffusion (parallel decoding)": "paper key steps, prior noise, non-key decoders batched",
              "feature-inheritance": "deepest down/mid/up blocks, every 2nd step",
              "diffusers PAB": "self-attn every 2nd call, cross-attn every 6th, t in (100, 800)",
              "diffusers TaylorSeer": "mid + up blocks predicted (order 1), compute every 2nd step after 2"}
