@@ -15,6 +15,7 @@ from .pipeline_gaussian_mixture import GaussianMixtureSamplingPipeline, Gaussian
 from .reference import probability_flow_ode_solution
 from .restoration import ExactRestorationDenoiser, PairedGaussianLaw
 from .tiny_text import tiny_clip_text_encoder, tiny_clip_tokenizer
+from .video_oracle import VideoGaussianMixture, VideoGaussianMixtureDenoiser, autoregressive_video_mixture
 
 __all__ = [
     "ExactRestorationDenoiser",
@@ -26,6 +27,9 @@ __all__ = [
     "NoiseFloor",
     "PairedGaussianLaw",
     "SlicedWasserstein2",
+    "VideoGaussianMixture",
+    "VideoGaussianMixtureDenoiser",
+    "autoregressive_video_mixture",
     "distance_to_reference",
     "mixture_weight_error",
     "probability_flow_ode_solution",
