@@ -24,6 +24,19 @@ def _as_batch_scalar(value: float | torch.Tensor, batch: int, device: torch.devi
     return value.expand(batch) if value.ndim == 0 else value.reshape(batch)
 
 
+def mixture_weights(weights: Sequence | torch.Tensor | None, num_components: int) -> torch.Tensor:
+    """``K = num_components`` mixture weights as float64, checked to be non-negative and sum to one; uniform when
+    ``weights`` is None."""
+    if weights is None:
+        return torch.full((num_components,), 1.0 / num_components, dtype=torch.float64)
+    weights = torch.as_tensor(weights, dtype=torch.float64)
+    if weights.shape != (num_components,):
+        raise ValueError(f"weights must have shape ({num_components},) to match means, got {tuple(weights.shape)}")
+    if bool((weights < 0).any()) or abs(float(weights.sum()) - 1) > 1e-6:
+        raise ValueError(f"weights must be non-negative and sum to 1, got {weights.tolist()}")
+    return weights
+
+
 class GaussianMixture:
     """The law ``sum_k w_k N(mu_k, Sigma_k)`` in ``D`` dimensions.
 
@@ -67,13 +80,7 @@ class GaussianMixture:
         if not bool((eigenvalues > 0).all()):
             raise ValueError(f"covariances must be positive definite; smallest eigenvalue {eigenvalues.min():.3g}")
 
-        if weights is None:
-            weights = torch.full((num_components,), 1.0 / num_components, dtype=torch.float64)
-        weights = torch.as_tensor(weights, dtype=torch.float64)
-        if weights.shape != (num_components,):
-            raise ValueError(f"weights must have shape ({num_components},) to match means, got {tuple(weights.shape)}")
-        if bool((weights < 0).any()) or abs(float(weights.sum()) - 1) > 1e-6:
-            raise ValueError(f"weights must be non-negative and sum to 1, got {weights.tolist()}")
+        weights = mixture_weights(weights, num_components)
 
         self.means = means
         self.covariances = covariances

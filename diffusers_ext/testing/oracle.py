@@ -28,7 +28,47 @@ class GaussianMixtureDenoiserOutput(BaseOutput):
     sample: torch.Tensor
 
 
-class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
+def exact_model_output(
+    sample: torch.Tensor, x0: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """The target of ``prediction_type`` for ``x0_hat = E[x0 | x_t]``, with ``eps_hat = (x_t - alpha x0_hat) / sigma``
+    and ``eps_hat = 0`` where ``sigma = 0`` (there ``eps_hat = -sigma * score`` vanishes: a flow inversion's first
+    call, a clean frame). ``alpha``, ``sigma`` broadcast against ``sample``."""
+    eps = torch.where(sigma > 0, (sample - alpha * x0) / torch.where(sigma > 0, sigma, 1.0), 0.0)
+    return prediction_from_x0_and_eps(x0, eps, alpha, sigma, prediction_type)
+
+
+class PairedScheduleMixin:
+    """What the exact denoisers share: the noise path of the scheduler they are paired with, their prediction type and
+    their law cached per device. A subclass (also a ``ModelMixin`` and ``ConfigMixin``) sets ``self.law`` and calls
+    ``pair_with_scheduler`` in ``__init__``."""
+
+    def pair_with_scheduler(self, scheduler_config: Mapping[str, Any] | None, prediction_type: str | None) -> None:
+        """Reads ``(alpha_t, sigma_t)`` from ``scheduler_config`` (``DDPMScheduler``'s linear VP schedule when None) and
+        registers ``prediction_type`` (the config's default when None) in the model config."""
+        schedule = dict(scheduler_config) if scheduler_config is not None else {"beta_schedule": "linear"}
+        self.noise_path = noise_path_from_scheduler_config(schedule)
+        self.num_train_timesteps = int(schedule.get("num_train_timesteps", 1000))
+        self._alpha_sigma = alpha_sigma_function(schedule)
+        prediction_type = check_prediction_type(prediction_type or default_prediction_type(schedule))
+        if prediction_type == "flow_prediction" and self.noise_path != "flow":
+            raise ValueError("prediction_type='flow_prediction' needs a flow-matching scheduler_config")
+        self.register_to_config(prediction_type=prediction_type)
+        # ModelMixin saves, loads and reports dtype/device through tensors; the law itself lives in the config.
+        self.register_buffer("dtype_anchor", torch.zeros(0))
+        self._law_on_device = {}
+
+    def alpha_sigma(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha_t, sigma_t)`` in float64 at training timesteps of any shape."""
+        return self._alpha_sigma(timesteps)
+
+    def law_on(self, device: torch.device):
+        if device not in self._law_on_device:
+            self._law_on_device[device] = self.law.to(device)
+        return self._law_on_device[device]
+
+
+class GaussianMixtureDenoiser(PairedScheduleMixin, ModelMixin, ConfigMixin):
     r"""The exact denoiser of a Gaussian-mixture data law, usable wherever diffusers expects a ``unet``.
 
     No paper: this is the project's test oracle. For data ``x0 ~ sum_k w_k N(mu_k, Sigma_k)`` and the forward process
@@ -71,15 +111,7 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
     ):
         super().__init__()
         self.law = GaussianMixture(means, covariances, weights)
-
-        schedule = dict(scheduler_config) if scheduler_config is not None else {"beta_schedule": "linear"}
-        self.noise_path = noise_path_from_scheduler_config(schedule)
-        self.num_train_timesteps = int(schedule.get("num_train_timesteps", 1000))
-        self._alpha_sigma = alpha_sigma_function(schedule)
-        prediction_type = check_prediction_type(prediction_type or default_prediction_type(schedule))
-        if prediction_type == "flow_prediction" and self.noise_path != "flow":
-            raise ValueError("prediction_type='flow_prediction' needs a flow-matching scheduler_config")
-        self.register_to_config(prediction_type=prediction_type)
+        self.pair_with_scheduler(scheduler_config, prediction_type)
 
         height, width = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
         if in_channels is None:
@@ -91,18 +123,6 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
             )
         self.register_to_config(in_channels=in_channels)
         self.sample_shape = (in_channels, height, width)
-        # ModelMixin saves, loads and reports dtype/device through tensors; the law itself lives in the config.
-        self.register_buffer("dtype_anchor", torch.zeros(0))
-        self._law_on_device = {}
-
-    def alpha_sigma(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(alpha_t, sigma_t)`` in float64 at training timesteps (scalars or a batch)."""
-        return self._alpha_sigma(timesteps)
-
-    def law_on(self, device: torch.device) -> GaussianMixture:
-        if device not in self._law_on_device:
-            self._law_on_device[device] = self.law.to(device)
-        return self._law_on_device[device]
 
     def forward(
         self, sample: torch.Tensor, timestep: torch.Tensor | float | int, return_dict: bool = True
@@ -118,9 +138,6 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
         alpha, sigma = self.alpha_sigma(timestep)
         x = sample.reshape(batch, -1).to(torch.float64)
         x0 = self.law_on(sample.device).posterior_mean(x, alpha, sigma)
-        alpha, sigma = alpha[:, None], sigma[:, None]
-        # At sigma = 0 (a flow inversion's first call) eps_hat = -sigma * score vanishes.
-        eps = torch.where(sigma > 0, (x - alpha * x0) / torch.where(sigma > 0, sigma, 1.0), 0.0)
-        prediction = prediction_from_x0_and_eps(x0, eps, alpha, sigma, self.config.prediction_type)
+        prediction = exact_model_output(x, x0, alpha[:, None], sigma[:, None], self.config.prediction_type)
         prediction = prediction.reshape(sample.shape).to(sample.dtype)
         return GaussianMixtureDenoiserOutput(sample=prediction) if return_dict else (prediction,)

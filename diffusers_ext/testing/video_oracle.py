@@ -56,14 +56,8 @@ import torch
 from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
-from ..diffusion_math import (
-    alpha_sigma_function,
-    check_prediction_type,
-    default_prediction_type,
-    noise_path_from_scheduler_config,
-    prediction_from_x0_and_eps,
-)
-from .oracle import GaussianMixtureDenoiserOutput
+from .gaussian_mixture import mixture_weights
+from .oracle import GaussianMixtureDenoiserOutput, PairedScheduleMixin, exact_model_output
 
 
 def frames_from_video(video: torch.Tensor) -> torch.Tensor:
@@ -143,13 +137,7 @@ class VideoGaussianMixture:
         if bool((info != 0).any()):
             raise ValueError("temporal_covariances must be positive definite")
 
-        if weights is None:
-            weights = torch.full((num_components,), 1.0 / num_components, dtype=torch.float64)
-        weights = torch.as_tensor(weights, dtype=torch.float64)
-        if weights.shape != (num_components,):
-            raise ValueError(f"weights must have shape ({num_components},) to match means, got {tuple(weights.shape)}")
-        if bool((weights < 0).any()) or abs(float(weights.sum()) - 1) > 1e-6:
-            raise ValueError(f"weights must be non-negative and sum to 1, got {weights.tolist()}")
+        weights = mixture_weights(weights, num_components)
 
         self.means = means
         self.temporal_covariances = covariances
@@ -401,17 +389,7 @@ def autoregressive_video_mixture(
     )
 
 
-def exact_model_output(
-    sample: torch.Tensor, x0: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
-) -> torch.Tensor:
-    """The target of ``prediction_type`` for ``x0_hat = E[x0 | x_t]``, with ``eps_hat = (x_t - alpha x0_hat) / sigma``
-    and ``eps_hat = 0`` where ``sigma = 0`` (there ``eps_hat = -sigma * score`` vanishes). ``alpha``, ``sigma``
-    broadcast against ``sample``."""
-    eps = torch.where(sigma > 0, (sample - alpha * x0) / torch.where(sigma > 0, sigma, 1.0), 0.0)
-    return prediction_from_x0_and_eps(x0, eps, alpha, sigma, prediction_type)
-
-
-class VideoGaussianMixtureDenoiser(ModelMixin, ConfigMixin):
+class VideoGaussianMixtureDenoiser(PairedScheduleMixin, ModelMixin, ConfigMixin):
     r"""The exact per-frame-timestep denoiser of the AR(1) clip mixture (``autoregressive_video_mixture``), usable
     where a pipeline calls a video backbone.
 
@@ -454,26 +432,9 @@ class VideoGaussianMixtureDenoiser(ModelMixin, ConfigMixin):
     ):
         super().__init__()
         self.law = autoregressive_video_mixture(frame_means, scales, correlations, num_frames, weights, frame_shape)
-        schedule = dict(scheduler_config) if scheduler_config is not None else {"beta_schedule": "linear"}
-        self.noise_path = noise_path_from_scheduler_config(schedule)
-        self._alpha_sigma = alpha_sigma_function(schedule)
-        prediction_type = check_prediction_type(prediction_type or default_prediction_type(schedule))
-        if prediction_type == "flow_prediction" and self.noise_path != "flow":
-            raise ValueError("prediction_type='flow_prediction' needs a flow-matching scheduler_config")
-        self.register_to_config(prediction_type=prediction_type, frame_shape=list(self.law.frame_shape))
+        self.pair_with_scheduler(scheduler_config, prediction_type)
+        self.register_to_config(frame_shape=list(self.law.frame_shape))
         self.sample_shape = self.law.video_shape  # (C, F, H, W): what a pipeline allocates for one clip
-        # ModelMixin reports dtype and device through tensors; the law itself lives in the config.
-        self.register_buffer("dtype_anchor", torch.zeros(0))
-        self._law_on_device = {}
-
-    def alpha_sigma(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(alpha_t, sigma_t)`` in float64 at timesteps of any shape."""
-        return self._alpha_sigma(timesteps)
-
-    def law_on(self, device: torch.device) -> VideoGaussianMixture:
-        if device not in self._law_on_device:
-            self._law_on_device[device] = self.law.to(device)
-        return self._law_on_device[device]
 
     def forward(
         self, sample: torch.Tensor, timestep: torch.Tensor | float | int, return_dict: bool = True
