@@ -4,10 +4,12 @@ from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin
 
 from .restoration import BridgePipeline, MeanRevertingPipeline, RDDMPipeline, ResShiftPipeline, RestorationPipeline
 from .text import MaskedDiffusionLMPipeline, MaskedDiffusionLMPipelineOutput
+from .video import FrameTimestepPlan, latent_frame_count
 
 __all__ = ["BridgePipeline", "DiffusionPipeline", "MaskedDiffusionLMPipeline", "MaskedDiffusionLMPipelineOutput",
            "MeanRevertingPipeline", "ModelMixin", "RDDMPipeline", "ResShiftPipeline", "RestorationPipeline",
            "SchedulerMixin"]
+__all__ += ["FrameTimestepPlan", "latent_frame_count"]
 
 # model_index.json records a pipeline's module; record the public one.
 for _pipeline in (BridgePipeline, MaskedDiffusionLMPipeline, MeanRevertingPipeline, RDDMPipeline, ResShiftPipeline):
