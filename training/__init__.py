@@ -13,6 +13,7 @@ _MODULES = {
     "config": ["TrainingConfig", "latest_checkpoint"],
     "ddpo": ["DDIMPolicy", "DDPOObjective"],
     "domainstudio": ["DomainStudioObjective", "DomainStudioValidation", "pairwise_diversity"],
+    "fvdm": ["BouncingShapes", "FVDMObjective", "ptss_unit_times"],
     "lcm_lora": ["LCMLoRADistillation", "lcm_lora_pipeline", "lcm_lora_sample"],
     "masked_diffusion_lm": ["MaskedDiffusionLMObjective"],
     "paired_restoration": ["PairedRestorationObjective"],

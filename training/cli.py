@@ -113,6 +113,19 @@ TRAINING_METHODS: dict[str, TrainingMethodEntry] = {
                     "initial UNet, with it the UNet with its adapter turned off.",
         writes={"final/": f"{DENOISER_WRITES}, for training.smooth_lora.toy_unet(seed)"},
         fixed=WITHOUT_VALIDATION),
+    "fvdm": TrainingMethodEntry(
+        build=toy_function("fvdm"),
+        summary="FVDM: a video denoiser with one timestep per frame (toy: bouncing shapes)",
+        description="FVDM (arXiv 2410.03160) conditions a video model on a vectorized timestep, one per frame, so that "
+                    "one model samples videos, image-to-video, interpolation and long videos. Training uses PTSS: with "
+                    "probability 0.2 (the authors' p) a batch's frames draw their timesteps independently, otherwise "
+                    "each clip draws one for all its frames. The toy run: a random two-block Wan transformer "
+                    "(training.fvdm.toy_backbone(seed)) on 1024 synthetic clips of 8 frames of 16 x 16 RGB pixels "
+                    "(training.fvdm.BouncingShapes), flow matching, unconditional.",
+        writes={"final/": "without lora_rank: the WanTransformer3DModel (from_pretrained(folder)); with it: the "
+                          "adapter (toy_backbone(seed).load_lora_adapter(folder, prefix=None)); sample with "
+                          "FlowMatchEulerDiscreteScheduler()'s flow path and a zero text embedding of shape (1, 1, 16)"},
+        fixed=WITHOUT_VALIDATION),
     "lcm-lora": TrainingMethodEntry(
         build=toy_function("lcm_lora"),
         summary="LCM-LoRA: few-step sampling distilled into a LoRA adapter (sampled with LCMScheduler)",
