@@ -77,10 +77,13 @@ class FrameAwareSchedulerOutput(BaseOutput):
     pred_original_sample: torch.Tensor | None = None
 
 
-def frame_coefficients_view(values: Rows | list[Rows], like: torch.Tensor, frame_dim: int) -> torch.Tensor:
-    """Per-frame values (``(B or 1)`` rows of ``F``, or a list of such) as a tensor that broadcasts against ``like``
-    along its batch (0) and frame axes (after a leading axis for a list), on ``like``'s device, in its dtype."""
-    values = torch.tensor(values, dtype=like.dtype).to(like.device)
+def frame_coefficients_view(
+    values: Rows | list[Rows] | torch.Tensor, like: torch.Tensor, frame_dim: int
+) -> torch.Tensor:
+    """Per-frame values ``(..., B or 1, F)`` (a CPU tensor or nested lists) shaped to broadcast against ``like``
+    along its batch (0) and frame axes, after their leading axes, on ``like``'s device, in its dtype. The copy to an
+    accelerator does not wait for the work queued there."""
+    values = torch.as_tensor(values, dtype=like.dtype).to(like.device, non_blocking=True)
     shape = [1] * like.ndim
     shape[0], shape[frame_dim] = values.shape[-2:]
     return values.reshape(*values.shape[:-2], *shape)
@@ -193,8 +196,7 @@ class FrameAwareSchedulerMixin:
 
     def _frame_levels(self, values: LevelsLike, name: str, batch: int, num_frames: int) -> Rows:
         """``values`` (one level for all frames, ``(F,)`` or ``(B, F)``) as ``(B or 1)`` rows of ``F`` floats."""
-        levels = values.to("cpu", torch.float64) if isinstance(values, torch.Tensor) \
-            else torch.as_tensor(values, dtype=torch.float64)
+        levels = values if isinstance(values, torch.Tensor) else torch.as_tensor(values, dtype=torch.float64)
         if levels.ndim == 0:
             levels = levels.expand(1, num_frames)
         elif levels.ndim == 1:
@@ -234,12 +236,13 @@ class FrameAwareSchedulerMixin:
                     )
         return level, next_level
 
-    def _per_pair(self, level: Rows, next_level: Rows, coefficients, still: tuple[float, ...]) -> list[Rows]:
+    def _per_pair(self, level: Rows, next_level: Rows, coefficients, still: tuple[float, ...]) -> torch.Tensor:
         """``coefficients(alpha, sigma, alpha_next, sigma_next)`` (a tuple of floats) for every frame that moves,
-        computed once per distinct pair of levels, and ``still`` for the others; per coefficient, rows of per-frame
-        values."""
+        computed once per distinct pair of levels, and ``still`` for the others: ``(len(still), B or 1, F)`` float64
+        on the CPU."""
+        pairs = list(zip(itertools.chain(*level), itertools.chain(*next_level), strict=True))
         by_pair = {}
-        for now, then in zip(itertools.chain(*level), itertools.chain(*next_level), strict=True):
+        for now, then in pairs:
             if then < now and (now, then) not in by_pair:
                 try:
                     by_pair[now, then] = coefficients(*self.alpha_sigma(now), *self.alpha_sigma(then))
@@ -248,12 +251,12 @@ class FrameAwareSchedulerMixin:
                         f"prediction_type {self.config.prediction_type!r} cannot be stepped from noise level {now} "
                         "(the clean signal's weight alpha is 0 there)"
                     ) from error
-        return [[[by_pair.get((now, then), still)[k] for now, then in zip(row, next_row, strict=True)]
-                 for row, next_row in zip(level, next_level, strict=True)] for k in range(len(still))]
+        per_frame = torch.tensor([by_pair.get(pair, still) for pair in pairs], dtype=torch.float64)
+        return per_frame.T.reshape(len(still), len(level), -1)
 
-    def _x0_coefficients(self, level: Rows) -> tuple[Rows, Rows]:
-        """``(p, q)`` rows with ``x0 = p x + q m`` for every frame, once per distinct level; NaN where ``x0`` is
-        undefined (an epsilon model where ``alpha = 0``)."""
+    def _x0_coefficients(self, level: Rows) -> torch.Tensor:
+        """``(2, B or 1, F)``: ``(p, q)`` with ``x0 = p x + q m`` for every frame, once per distinct level; NaN where
+        ``x0`` is undefined (an epsilon model where ``alpha = 0``)."""
         by_level = {}
         for now in itertools.chain(*level):
             if now not in by_level:
@@ -261,7 +264,8 @@ class FrameAwareSchedulerMixin:
                     by_level[now] = x0_coefficients(*self.alpha_sigma(now), self.config.prediction_type)
                 except ZeroDivisionError:
                     by_level[now] = (math.nan, math.nan)
-        return tuple([[by_level[now][k] for now in row] for row in level] for k in (0, 1))
+        per_frame = torch.tensor([by_level[now] for now in itertools.chain(*level)], dtype=torch.float64)
+        return per_frame.T.reshape(2, len(level), -1)
 
     def step(
         self,
@@ -300,18 +304,18 @@ class FrameAwareSchedulerMixin:
 
         prediction_type = self.config.prediction_type
         # Still frames get the identity (they are copied afterwards), which keeps Euler's one-pass form below.
-        a, b, c = self._per_pair(level, next_level, lambda *alpha_sigmas: ddim_step_coefficients(
+        step_coefficients = self._per_pair(level, next_level, lambda *alpha_sigmas: ddim_step_coefficients(
             *alpha_sigmas, eta, prediction_type), still=(1.0, 0.0, 0.0))
         # Upcast, as diffusers' schedulers do, so that bf16 latents are stepped in float32.
         compute_dtype = torch.promote_types(sample.dtype, torch.float32)
         x, m = sample.to(compute_dtype), model_output.to(compute_dtype)
-        prev_sample = self._combine(x, a, m, b, frames=active)
+        prev_sample = self._combine(x, m, step_coefficients[:2], frames=active)
         pred_original_sample = None
         if self.config.solver_order == 2:
-            p, q = self._x0_coefficients(level)
-            pred_original_sample = self._combine(x, p, m, q)
+            pred_original_sample = self._combine(x, m, self._x0_coefficients(level))
             self._add_multistep_correction(prev_sample, pred_original_sample, level, next_level, active)
-        if any(itertools.chain(*c)):
+        c = step_coefficients[2]
+        if eta > 0 and bool((c > 0).any()):
             if variance_noise is None:
                 variance_noise = randn_tensor(sample.shape, generator=generator, device=sample.device,
                                               dtype=compute_dtype)
@@ -327,13 +331,14 @@ class FrameAwareSchedulerMixin:
     def _frame_view(self, values, like: torch.Tensor) -> torch.Tensor:
         return frame_coefficients_view(values, like, self.config.frame_dim)
 
-    def _combine(self, x: torch.Tensor, x_coefficient: Rows, y: torch.Tensor, y_coefficient: Rows,
+    def _combine(self, x: torch.Tensor, y: torch.Tensor, coefficients: torch.Tensor,
                  frames: list[list[bool]] | None = None) -> torch.Tensor:
-        """``x_coefficient x + y_coefficient y`` per frame, a new tensor, computed for ``frames`` (all by default;
-        the others are left unset) in one pass when every ``x_coefficient`` is 1 in ``x``'s dtype (a velocity model's
-        Euler step, ``x + (sigma' - sigma) m``)."""
-        x_view, y_view = self._frame_view([x_coefficient, y_coefficient], x)
-        scale = not bool((x_view == 1).all())
+        """``coefficients[0] x + coefficients[1] y`` per frame (``coefficients``: ``(2, B or 1, F)`` on the CPU), a new
+        tensor, computed for ``frames`` (all by default; the others are left unset), in one pass when every
+        ``coefficients[0]`` is 1 in ``x``'s dtype (a velocity model's Euler step, ``x + (sigma' - sigma) m``)."""
+        coefficients = coefficients.to(x.dtype)
+        scale = not bool((coefficients[0] == 1).all())  # on the CPU: no wait for an accelerator
+        x_view, y_view = self._frame_view(coefficients, x)
         if frames is None or all(itertools.chain(*frames)):
             return torch.addcmul(x * x_view if scale else x, y_view, y)
         result = torch.empty_like(x)
@@ -378,9 +383,9 @@ class FrameAwareSchedulerMixin:
         """The model's per-frame estimate of the clean latents, ``x0 = p x + q m`` (``x0_coefficients``) at
         ``noise_level`` (one, ``(F,)`` or ``(B, F)``)."""
         level, _ = self._check_step_inputs(model_output, sample, noise_level, noise_level)
-        p, q = self._x0_coefficients(level)
         compute_dtype = torch.promote_types(sample.dtype, torch.float32)
-        return self._combine(sample.to(compute_dtype), p, model_output.to(compute_dtype), q).to(sample.dtype)
+        x0 = self._combine(sample.to(compute_dtype), model_output.to(compute_dtype), self._x0_coefficients(level))
+        return x0.to(sample.dtype)
 
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, noise_levels: LevelsLike

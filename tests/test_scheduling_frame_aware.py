@@ -241,6 +241,20 @@ def test_bfloat16_latents_are_stepped_in_float32_and_still_frames_kept():
     torch.testing.assert_close(prev[:, :, 2:5].float(), expected[:, :, 2:5], atol=1e-2, rtol=8e-3)
 
 
+def test_predicted_clean_latents_and_a_step_where_nothing_moves():
+    ours = FrameAwareFlowMatchScheduler(solver_order=2)
+    sample, output = start_latents(0), start_latents(1)
+    level = torch.tensor([0.0, 0.3, 0.6, 0.6, 1.0, 1.0], dtype=torch.float64)
+    x0 = ours.predict_original_sample(output, level, sample)
+    torch.testing.assert_close(x0, sample - level.float().reshape(1, 1, -1, 1, 1) * output)  # x0 = x - sigma u
+    assert torch.equal(x0[:, :, 0], sample[:, :, 0])
+    step = ours.step(output, level, sample, level * 0.5)
+    torch.testing.assert_close(step.pred_original_sample, x0, atol=0, rtol=0)
+
+    prev_sample, pred_original_sample = ours.step(output, level, sample, level, return_dict=False)
+    assert torch.equal(prev_sample, sample) and prev_sample is not sample and pred_original_sample is None
+
+
 def test_grids_are_the_stock_schedulers():
     ours = FrameAwareFlowMatchScheduler(shift=5.0)
     stock = FlowMatchEulerDiscreteScheduler(shift=5.0)
