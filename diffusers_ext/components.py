@@ -143,6 +143,26 @@ COMPONENTS: tuple[Component, ...] = (
         "2405.15885",
     ),
     Component(
+        "FrameAwareFlowMatchScheduler",
+        "scheduler",
+        "diffusers_ext.schedulers",
+        "Per-frame (vectorized-timestep) flow-matching step for video: every frame from its own noise level to its "
+        "own next one in one update (Euler, or DPM-Solver++(2M) with per-frame history); frames that stay are "
+        "bit-identical",
+        "Redefining Temporal Modeling in Video Diffusion: The Vectorized Timestep Approach",
+        "2410.03160",
+        "experimental",
+    ),
+    Component(
+        "FrameAwareVPScheduler",
+        "scheduler",
+        "diffusers_ext.schedulers",
+        "The same per-frame step for VP (DDPM-family) video models: DDIM with eta, or DPM-Solver++(2M)",
+        "Redefining Temporal Modeling in Video Diffusion: The Vectorized Timestep Approach",
+        "2410.03160",
+        "experimental",
+    ),
+    Component(
         "RDDMPipeline",
         "pipeline",
         "diffusers_ext.pipelines",
@@ -174,6 +194,16 @@ COMPONENTS: tuple[Component, ...] = (
         "Image-to-image restoration with a denoising diffusion bridge, sampled by DBIM in about 10 steps",
         "Denoising Diffusion Bridge Models",
         "2309.16948",
+    ),
+    Component(
+        "FrameAwareVideoPipeline",
+        "pipeline",
+        "diffusers_ext.pipelines",
+        "FVDM sampling on Wan / SkyReels-V2 / LTX-Video backbones by per-frame timestep plans (FrameTimestepPlan): "
+        "generation, image-to-video, interpolation, Diffusion Forcing pyramids and rolling-window long video",
+        "Redefining Temporal Modeling in Video Diffusion: The Vectorized Timestep Approach",
+        "2410.03160",
+        "experimental",
     ),
     Component(
         "PairedRestorationObjective",
@@ -238,6 +268,17 @@ COMPONENTS: tuple[Component, ...] = (
         "(load_spm / SPMTransport), combinable and transferable to same-architecture UNets",
         "One-dimensional Adapter to Rule Them All: Concepts, Diffusion Models and Erasing Applications",
         "2312.16145",
+        "experimental",
+    ),
+    Component(
+        "FVDMObjective",
+        "trainer",
+        "diffusers_ext.training",
+        "FVDM training with per-frame timesteps drawn by PTSS (the authors' 0.2 of batches vectorized), the "
+        "scheduler's own noise path and target, on Wan / SkyReels-V2 / LTX-Video, LoRA or full "
+        "(`diffusers-ext train fvdm`)",
+        "Redefining Temporal Modeling in Video Diffusion: The Vectorized Timestep Approach",
+        "2410.03160",
         "experimental",
     ),
     Component(
@@ -368,6 +409,13 @@ COMPONENTS: tuple[Component, ...] = (
         "oracle",
         "diffusers_ext.testing",
         "The stock sampling loop on an oracle with any scheduler, returning unclamped samples",
+    ),
+    Component(
+        "VideoGaussianMixtureDenoiser",
+        "oracle",
+        "diffusers_ext.testing",
+        "Exact per-frame-timestep denoiser of a Gaussian mixture of AR(1) clips (exact conditional laws and frame "
+        "statistics in VideoGaussianMixture)",
     ),
 )
 

@@ -4,13 +4,14 @@ from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin
 
 from .restoration import BridgePipeline, MeanRevertingPipeline, RDDMPipeline, ResShiftPipeline, RestorationPipeline
 from .text import MaskedDiffusionLMPipeline, MaskedDiffusionLMPipelineOutput
-from .video import FrameTimestepPlan, latent_frame_count
+from .video import FrameAwareVideoPipeline, FrameAwareVideoPipelineOutput, FrameTimestepPlan, latent_frame_count
 
-__all__ = ["BridgePipeline", "DiffusionPipeline", "MaskedDiffusionLMPipeline", "MaskedDiffusionLMPipelineOutput",
+__all__ = ["BridgePipeline", "DiffusionPipeline", "FrameAwareVideoPipeline", "FrameAwareVideoPipelineOutput",
+           "FrameTimestepPlan", "MaskedDiffusionLMPipeline", "MaskedDiffusionLMPipelineOutput",
            "MeanRevertingPipeline", "ModelMixin", "RDDMPipeline", "ResShiftPipeline", "RestorationPipeline",
-           "SchedulerMixin"]
-__all__ += ["FrameTimestepPlan", "latent_frame_count"]
+           "SchedulerMixin", "latent_frame_count"]
 
 # model_index.json records a pipeline's module; record the public one.
-for _pipeline in (BridgePipeline, MaskedDiffusionLMPipeline, MeanRevertingPipeline, RDDMPipeline, ResShiftPipeline):
+for _pipeline in (BridgePipeline, FrameAwareVideoPipeline, MaskedDiffusionLMPipeline, MeanRevertingPipeline,
+                  RDDMPipeline, ResShiftPipeline):
     _pipeline.__module__ = __name__

@@ -105,8 +105,8 @@ def test_card_lists_paper_and_arxiv_tag():
 
 def test_missing_card_template_is_a_clear_error_and_writes_nothing(tmp_path, ddim_pipeline):
     assert set(available_card_templates()) >= {"pipeline", "model", "scheduler"}
-    with pytest.raises(ValueError, match=r"no Hub card template named 'video'.*available"):
-        save_for_hub(ddim_pipeline, tmp_path / "out", card_template="video")
+    with pytest.raises(ValueError, match=r"no Hub card template named 'hologram'.*available"):
+        save_for_hub(ddim_pipeline, tmp_path / "out", card_template="hologram")
     assert not (tmp_path / "out").exists()
     with pytest.raises(TypeError, match="DiffusionPipeline, a ModelMixin"):
         save_for_hub(torch.nn.Linear(2, 2), tmp_path / "out")
