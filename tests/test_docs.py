@@ -57,8 +57,28 @@ def _stand_in_sd3():
     return pipe
 
 
+def _stand_in_wan():
+    """A Wan pipeline with a tiny transformer, Wan's tiny VAE, the stock UniPC flow scheduler and a CLIP text
+    encoder (Wan's UMT5 is larger than a test wants; the transformer only needs embeddings of its text width)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    from diffusers_ext.testing import tiny_clip_text_encoder, tiny_clip_tokenizer
+    from diffusers_ext.testing.tiny_text import TINY_TEXT_WIDTH
+
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=4, out_channels=4, text_dim=TINY_TEXT_WIDTH, freq_dim=32,
+                                        ffn_dim=32, num_layers=2, rope_max_seq_len=32)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return WanPipeline(tokenizer=tiny_clip_tokenizer(), text_encoder=tiny_clip_text_encoder(),
+                       transformer=transformer.eval(), vae=vae.eval(), scheduler=scheduler)
+
+
 STAND_INS = {
     "pipe": _stand_in_pipe,  # a Stable Diffusion 1.x pipeline that takes prompts
+    "wan": _stand_in_wan,  # a Wan text-to-video pipeline
     "sd3": _stand_in_sd3,  # an SD3 pipeline that takes prompts
     "prompt": lambda: "a photo of a cat",
 }

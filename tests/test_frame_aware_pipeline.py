@@ -144,6 +144,18 @@ def test_standard_plan_on_wan_is_the_stock_wan_pipeline():
     np.testing.assert_allclose(ours(**call).frames, stock(**call).frames, rtol=0, atol=1e-5)
 
 
+def test_image_to_video_through_a_vae_keeps_the_encoded_first_frame():
+    vae = tiny_wan_vae()
+    pipe = FrameAwareVideoPipeline(wan(), FrameAwareFlowMatchScheduler(shift=3.0), vae=vae)
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    latents = pipe(prompt_embeds=text(), num_frames=5, height=64, width=64, num_inference_steps=3,
+                   conditioning_frames={0: image}, output_type="latent").frames
+    encoded = vae.encode((2 * image - 1)[None, :, None]).latent_dist.mode()[:, :, 0]  # latents_mean 0, std 1
+    assert latents.shape == (1, 4, 2, 8, 8)
+    torch.testing.assert_close(latents[:, :, 0], encoded, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("make_backbone", [wan, skyreels, ltx], ids=["wan", "skyreels-v2", "ltx-video"])
 def test_every_backbone_family_runs_image_to_video_in_pixel_space(make_backbone):
     pipe = FrameAwareVideoPipeline(make_backbone(in_channels=3, out_channels=3), FrameAwareFlowMatchScheduler())

@@ -191,7 +191,7 @@ class FrameAwareVideoPipeline(DiffusionPipeline):
             else:
                 latent = self.vae.encode(pixels[None, :, None]).latent_dist.mode()
                 mean, std, scale = latent_statistics(self.vae, latent)
-                latent = ((latent - mean) * scale / std)[:, :, 0]
+                latent = ((latent - mean) * scale / std)[0, :, 0]
             if latent.shape[0] != like.shape[1]:
                 raise ValueError(f"conditioning frame {index} has {latent.shape[0]} channels; the model takes "
                                  f"{like.shape[1]}")
