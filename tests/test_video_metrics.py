@@ -8,6 +8,7 @@ import torch
 
 from diffusers_ext.testing.video_metrics import (
     FRAME_FEATURES,
+    VideoMetrics,
     area_change,
     centroid_acceleration,
     clean_pixel_fraction,
@@ -17,7 +18,6 @@ from diffusers_ext.testing.video_metrics import (
     frechet_distance_from_moments,
     independent_frames,
     shuffled_frames,
-    video_metrics,
 )
 from diffusers_ext.training.fvdm import BouncingShapes
 
@@ -77,12 +77,12 @@ def test_frechet_distance_of_commuting_covariances_is_the_closed_form():
 
 
 @pytest.fixture(scope="module")
-def reference_clips():
-    return bouncing_clips(128, seed=100)
+def metrics():
+    return VideoMetrics(bouncing_clips(128, seed=100))
 
 
 @pytest.mark.parametrize("held_out_seed", [1, 2])
-def test_each_metric_separates_real_clips_from_its_corruption(reference_clips, held_out_seed):
+def test_each_metric_separates_real_clips_from_its_corruption(metrics, held_out_seed):
     real = bouncing_clips(64, held_out_seed)
     generator = torch.Generator().manual_seed(held_out_seed)
     corrupted = {
@@ -91,7 +91,7 @@ def test_each_metric_separates_real_clips_from_its_corruption(reference_clips, h
         "noise": (real + 0.1 * torch.randn(real.shape, generator=generator)).clamp(-1, 1),
         "blur": torch.nn.functional.avg_pool3d(real, (1, 3, 3), stride=1, padding=(0, 1, 1), count_include_pad=False),
     }
-    scores = {name: video_metrics(clips, reference_clips) for name, clips in {"real": real, **corrupted}.items()}
+    scores = {name: metrics(clips) for name, clips in {"real": real, **corrupted}.items()}
     for name, values in scores.items():
         print(f"\nseed {held_out_seed} {name:12s}", {metric: round(value, 4) for metric, value in values.items()})
     real_scores = scores["real"]
@@ -116,9 +116,9 @@ def test_each_metric_separates_real_clips_from_its_corruption(reference_clips, h
 def test_bad_clips_raise_value_errors():
     with pytest.raises(ValueError, match=r"\(B, 3, F, H, W\)"):
         frame_features(torch.zeros(2, 3, 8, 16))
-    with pytest.raises(ValueError, match="at least 3 frames"):
-        video_metrics(torch.zeros(2, 3, 2, 16, 16), torch.zeros(2, 3, 2, 16, 16))
-    with pytest.raises(ValueError, match="same frame count"):
-        video_metrics(torch.zeros(2, 3, 8, 16, 16), torch.zeros(2, 3, 4, 16, 16))
+    with pytest.raises(ValueError, match=r"reference_clips must be RGB clips .* at least 3 frames"):
+        VideoMetrics(torch.zeros(2, 3, 2, 16, 16))
+    with pytest.raises(ValueError, match="reference clips' frame count and size"):
+        VideoMetrics(torch.zeros(2, 3, 4, 16, 16))(torch.zeros(2, 3, 8, 16, 16))
     with pytest.raises(ValueError, match="at least 2 vectors"):
         frechet_distance(torch.zeros(1, 3), torch.zeros(5, 3))

@@ -20,7 +20,7 @@ The Fréchet distance is FID's: ``|mu_1 - mu_2|^2 + tr(S_1 + S_2 - 2 (S_1^{1/2} 
 Gaussians with the two feature sets' means and covariances. The features are in their natural units (fractions of
 the frame, colour values, frame units), not standardised: a real set's feature can be constant (the background's
 deviation from black is exactly 0), and dividing by its spread would make any deviation from it infinite. A finite
-sample's distance to another sample of the same law is not 0: compare with two real sets (``video_metrics`` of real
+sample's distance to another sample of the same law is not 0: compare with two real sets (``VideoMetrics`` of real
 clips against the reference) as the floor.
 """
 
@@ -123,14 +123,14 @@ def centroid_acceleration(features: torch.Tensor, frame_size: int) -> torch.Tens
     return centroid.diff(n=2, dim=1).norm(dim=-1).mean(dim=1)
 
 
-def clip_features(clips: torch.Tensor) -> torch.Tensor:
+def clip_features(clips: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
     """``(B, D)`` float64 per-clip features for the clip Fréchet distance: the frame features' means over the clip,
     the spread over the clip of the area, mean colour and blob count, the mean absolute frame-to-frame change of every
     frame feature, the centroid's mean second difference in pixels (``centroid_acceleration``: on the frame units of
     the other features, jerky motion would weigh almost nothing next to colour) and the mean absolute pixel change
-    between consecutive frames."""
+    between consecutive frames. ``features``: the clips' ``frame_features`` when already computed."""
     clips = check_clips(clips)
-    features = frame_features(clips)
+    features = frame_features(clips) if features is None else features
     steadiness = _feature(features, "area", "colour_r", "colour_g", "colour_b", "blobs").std(dim=1)
     changes = features.diff(dim=1).abs().mean(dim=1)
     acceleration = centroid_acceleration(features, frame_size=clips.shape[-1])[:, None]
@@ -160,24 +160,33 @@ def frechet_distance(features: torch.Tensor, reference_features: torch.Tensor) -
                                          reference_features.T.cov())
 
 
-def video_metrics(clips: torch.Tensor, reference_clips: torch.Tensor) -> dict[str, float]:
-    """The figures of the module docstring for ``clips`` against real ``reference_clips`` (same frame count and
-    size, different clips): ``clean_fraction`` (higher is better; 1 on real frames), ``frame_fd`` and ``clip_fd``
-    (lower is better), ``area_change``, ``colour_change`` and ``centroid_acceleration`` (pixels; lower is better),
-    each the mean over the clips."""
-    clips, reference_clips = check_clips(clips), check_clips(reference_clips, "reference_clips")
-    if clips.shape[2:] != reference_clips.shape[2:]:
-        raise ValueError(f"clips {tuple(clips.shape)} and reference_clips {tuple(reference_clips.shape)} must have "
-                         "the same frame count and size")
-    features, reference_features = frame_features(clips), frame_features(reference_clips)
-    return {
-        "clean_fraction": float(_feature(features, "clean_fraction").mean()),
-        "frame_fd": frechet_distance(features, reference_features),
-        "area_change": float(area_change(features).mean()),
-        "colour_change": float(colour_change(features).mean()),
-        "centroid_acceleration": float(centroid_acceleration(features, clips.shape[-1]).mean()),
-        "clip_fd": frechet_distance(clip_features(clips), clip_features(reference_clips)),
-    }
+class VideoMetrics:
+    """The figures of the module docstring against a fixed set of real ``reference_clips`` (whose features are
+    computed once): ``VideoMetrics(reference_clips)(clips)`` for clips of the same frame count and size gives
+    ``clean_fraction`` (higher is better; 1 on real frames), ``frame_fd`` and ``clip_fd`` (lower is better),
+    ``area_change``, ``colour_change`` and ``centroid_acceleration`` (pixels; lower is better), each the mean over
+    the clips."""
+
+    def __init__(self, reference_clips: torch.Tensor):
+        reference_clips = check_clips(reference_clips, "reference_clips")
+        self.clip_shape = tuple(reference_clips.shape[2:])
+        self.frame_features = frame_features(reference_clips)
+        self.clip_features = clip_features(reference_clips, self.frame_features)
+
+    def __call__(self, clips: torch.Tensor) -> dict[str, float]:
+        clips = check_clips(clips)
+        if tuple(clips.shape[2:]) != self.clip_shape:
+            raise ValueError(f"clips {tuple(clips.shape)} must have the reference clips' frame count and size "
+                             f"{self.clip_shape}")
+        features = frame_features(clips)
+        return {
+            "clean_fraction": float(_feature(features, "clean_fraction").mean()),
+            "frame_fd": frechet_distance(features, self.frame_features),
+            "area_change": float(area_change(features).mean()),
+            "colour_change": float(colour_change(features).mean()),
+            "centroid_acceleration": float(centroid_acceleration(features, clips.shape[-1]).mean()),
+            "clip_fd": frechet_distance(clip_features(clips, features), self.clip_features),
+        }
 
 
 def shuffled_frames(clips: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
