@@ -377,7 +377,7 @@ def test_train_command_runs_registered_methods_end_to_end(tmp_path, monkeypatch,
         train_main(["no-such-method"])
     assert exit_info.value.code == 2
     errors = capsys.readouterr().err.replace("'", "")  # Python 3.11 quotes the names, 3.12 does not
-    assert ("invalid choice: no-such-method (choose from ddpo, domainstudio, lcm-lora, masked-diffusion-lm, "
+    assert ("invalid choice: no-such-method (choose from ddpo, domainstudio, fvdm, lcm-lora, masked-diffusion-lm, "
             "restoration, rlcm, smooth-lora, spm, toy-epsilon)") in errors
 
 
