@@ -1,4 +1,4 @@
-"""The ``diffusers-ext`` command: ``list``, ``demo``, ``bench``, ``restore``, ``train``.
+"""The ``diffusers-ext`` command: ``list``, ``demo``, ``bench``, ``restore``, ``video``, ``train``.
 
 Arguments are checked before anything heavy is imported or computed; a user error is one line on stderr and exit
 status 2.
@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
+import json
 import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .components import COMPONENTS, components_markdown_table, list_components
 
@@ -112,11 +116,17 @@ def _demo(args: argparse.Namespace) -> None:
             from .pipelines.text.demo import run_text_demo
 
             run_text_demo(output / "text")
-        else:
+        elif part == "restoration":
             print("The shipped tiny ResShift model: 4x super-resolution of photos it was not trained on\n")
             from .pipelines.restoration.demo import run_restoration_demo
 
             run_restoration_demo(output / "restoration")
+        else:
+            print("The shipped tiny FVDM video model: generation, image-to-video, interpolation and a long video, "
+                  "next to held-out clips\n")
+            from .pipelines.video.demo import run_video_demo
+
+            run_video_demo(output / "video")
         seconds[part] = time.perf_counter() - part_start
         print()
     parts = ", ".join(f"{part} {value:.0f} s" for part, value in seconds.items())
@@ -127,6 +137,13 @@ def _demo(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     schedulers = dict(resolve_scheduler(spec) for spec in args.scheduler) if args.scheduler else None
     run_sampler_accuracy(Path(args.output), args.num_samples, tuple(args.dims), tuple(args.nfe), schedulers)
+
+
+def check_writable(target: Path) -> None:
+    """Raise ``ValueError`` unless ``target`` can be written (its nearest existing folder is writable)."""
+    existing = next(folder for folder in (target.absolute().parent, *target.absolute().parents) if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ValueError(f"cannot write {target}: {existing} is not a writable folder")
 
 
 def _check_restore_arguments(args: argparse.Namespace) -> None:
@@ -144,9 +161,7 @@ def _check_restore_arguments(args: argparse.Namespace) -> None:
     PIL.Image.init()
     if target.suffix.lower() not in PIL.Image.registered_extensions():
         raise ValueError(f"cannot write an image as {target.name!r}: use an image extension such as .png or .jpg")
-    existing = next(folder for folder in (target.absolute().parent, *target.absolute().parents) if folder.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise ValueError(f"cannot write {target}: {existing} is not a writable folder")
+    check_writable(target)
     scale = args.scale or 4  # the shipped model's factor; another --model's own factor is checked when it loads
     pixels = width * height * scale**2
     if pixels > MAX_RESTORE_PIXELS:
@@ -163,6 +178,255 @@ def _restore(args: argparse.Namespace) -> None:
     seconds = restore_file(args.input, args.output, model=args.model, num_inference_steps=args.steps,
                            upscale_factor=args.scale, seed=args.seed, trust_remote_code=args.trust_remote_code)
     print(f"wrote {args.output} in {seconds:.1f} s")
+
+
+# ``diffusers-ext video``: the user's files, sizes and frame counts are checked here, before torch is imported or a
+# model is loaded; the work is in pipelines/video/demo.py.
+SHIPPED_VIDEO_MODEL = "tiny-fvdm-shapes"
+VIDEO_TASKS = ("generate", "i2v", "interpolate", "extend")
+VIDEO_SUFFIXES = (".gif", ".mp4")
+VIDEO_STEPS = 20  # the steps the shipped model's recipe evaluates it at
+VIDEO_FPS = 8
+# FrameAwareVideoPipeline's defaults where a model's files do not say otherwise (tests/test_video_cli.py checks them
+# against the pipeline): 8 frames, frames of sample_size 16 latent pixels, 1 context frame.
+PIPELINE_NUM_FRAMES, PIPELINE_SAMPLE_SIZE, PIPELINE_CONTEXT_FRAMES = 8, 16, 1
+STOCK_LIBRARIES = ("diffusers", "transformers", None)
+
+
+@dataclass(frozen=True)
+class VideoModel:
+    """What ``diffusers-ext video`` knows of a ``FrameAwareVideoPipeline`` from its JSON files, before loading it.
+
+    Attributes:
+        source: what ``DiffusionPipeline.from_pretrained`` takes (a folder or a Hub id).
+        trust_remote_code: whether to run its loader files (the shipped model's, or the user said so).
+        clip_frames: pixel frames per model call (the clips it was trained on, as its training report records them;
+            None where it has none): longer videos roll a window.
+        context_frames: latent frames each window after the first takes from the one before.
+        frame_size: ``(height, width)`` of its frames in pixels; None where its VAE's config does not say.
+        temporal_compression: pixel frames per latent frame after the first; None where its VAE's config does not say.
+    """
+
+    source: str
+    trust_remote_code: bool
+    clip_frames: int | None
+    context_frames: int
+    frame_size: tuple[int, int] | None
+    temporal_compression: int | None
+
+
+def _read_json(path: Path, model: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"--model {model}: no {path.name} in it; is it a diffusers pipeline saved with "
+                         "save_pretrained or save_for_hub?") from None
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--model {model}: cannot read {path}: {error}") from None
+
+
+def _model_files(model: str) -> Path:
+    """The local folder of ``model`` (a folder, or a Hub id whose JSON files are fetched into the Hub cache)."""
+    if Path(model).is_dir():
+        return Path(model)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, allow_patterns=["*.json"]))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--model {model} is neither a folder nor a Hub repository that can be reached: "
+                         f"{error}") from None
+
+
+def video_model(model: str, trust_remote_code: bool) -> VideoModel:
+    """A shipped model by name (trusted: its loader files are the package's), or a ``FrameAwareVideoPipeline`` folder
+    or Hub id, as ``VideoModel``."""
+    from .shipped import SHIPPED_MODELS, shipped_model_path
+
+    shipped = model in SHIPPED_MODELS
+    folder = shipped_model_path(model) if shipped else _model_files(model)
+    index = _read_json(folder / "model_index.json", model)
+    class_name = index.get("_class_name")
+    if (class_name[-1] if isinstance(class_name, list) else class_name) != "FrameAwareVideoPipeline":
+        raise ValueError(f"--model {model} holds a {class_name}, not a FrameAwareVideoPipeline")
+    # save_for_hub's layout: the pipeline and our components load through one-line loader files (custom code).
+    custom = isinstance(class_name, list) or any(
+        isinstance(entry, list) and entry[:1] and entry[0] not in STOCK_LIBRARIES for entry in index.values())
+    trusted = shipped or trust_remote_code
+    if custom and not trusted:
+        raise ValueError(f"--model {model} loads its classes through loader files (each imports a class from the "
+                         "installed diffusers_ext; read them first): pass --trust-remote-code to run them")
+    transformer = _read_json(folder / "transformer" / "config.json", model)
+    spatial = temporal = 1
+    if (index.get("vae") or [None])[0] is not None:
+        vae = _read_json(folder / "vae" / "config.json", model)
+        spatial, temporal = vae.get("scale_factor_spatial"), vae.get("scale_factor_temporal")
+    side = (transformer.get("sample_size") or PIPELINE_SAMPLE_SIZE) * spatial if spatial else None
+    # The clips it was trained on, as the shipped models' training reports record them.
+    report = folder / "training_report.json"
+    clip = _read_json(report, model).get("clip", {}) if report.is_file() else {}
+    return VideoModel(str(folder if shipped else model), trusted, clip.get("num_frames"),
+                      clip.get("context_frames", PIPELINE_CONTEXT_FRAMES), (side, side) if side else None, temporal)
+
+
+def _frame_size_text(height: int, width: int) -> str:
+    return f"{width}x{height} pixels (width x height)"
+
+
+def _check_frame_size(image: Any, name: str, model: VideoModel) -> None:
+    if model.frame_size is not None and (image.height, image.width) != model.frame_size:
+        raise ValueError(f"{name} is {_frame_size_text(image.height, image.width)}; the model's frames are "
+                         f"{_frame_size_text(*model.frame_size)}")
+
+
+def _check_ffmpeg(path: Path, use: str) -> None:
+    if not all(importlib.util.find_spec(module) for module in ("imageio", "imageio_ffmpeg")):
+        raise ValueError(f"{use} {path.name} needs imageio and imageio-ffmpeg (pip install imageio imageio-ffmpeg); "
+                         "or use a .gif")
+
+
+def read_image(path: str, option: str) -> Any:
+    """The image file at ``path`` as an RGB PIL image."""
+    import PIL.Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{option} {path}: no such file")
+    try:
+        with PIL.Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, PIL.UnidentifiedImageError) as error:
+        raise ValueError(f"{option} {path}: cannot read it as an image ({error})") from None
+
+
+def read_video(path: str, option: str) -> list[Any]:
+    """The frames of the GIF or MP4 at ``path`` as RGB PIL images."""
+    import PIL.Image
+    import PIL.ImageSequence
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{option} {path}: no such file")
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise ValueError(f"{option} {path}: read videos are .gif or .mp4")
+    try:
+        if path.suffix.lower() == ".gif":
+            with PIL.Image.open(path) as video:
+                return [frame.convert("RGB") for frame in PIL.ImageSequence.Iterator(video)]
+        _check_ffmpeg(path, "reading")
+        import imageio.v2
+
+        return [PIL.Image.fromarray(frame).convert("RGB")
+                for frame in imageio.v2.mimread(path, format="FFMPEG", memtest=False)]
+    except (OSError, PIL.UnidentifiedImageError, RuntimeError) as error:
+        raise ValueError(f"{option} {path}: cannot read it as a video ({error})") from None
+
+
+def _key_frames(args: argparse.Namespace, num_frames: int, model: VideoModel) -> dict[int, Any]:
+    """``interpolate``'s key frames ``{frame index: image}`` from ``--first``/``--last`` or ``--key-frames``."""
+    if args.key_frames and (args.first or args.last):
+        raise ValueError("give the key frames either as --first/--last or as --key-frames, not both")
+    if not args.key_frames and not (args.first and args.last):
+        raise ValueError("interpolate needs --first PATH and --last PATH, or --key-frames INDEX=PATH ...")
+    given = [(0, args.first, "--first"), (num_frames - 1, args.last, "--last")] if not args.key_frames else []
+    for text in args.key_frames or []:
+        index, separator, path = text.partition("=")
+        try:
+            index = int(index)
+        except ValueError:
+            separator = ""
+        if not separator or not path:
+            raise ValueError(f"--key-frames {text!r}: expected INDEX=PATH, e.g. 0=first.png")
+        given.append((index, path, f"--key-frames {text}"))
+    frames = {}
+    for index, path, option in given:
+        if not 0 <= index < num_frames:
+            raise ValueError(f"key frame index {index} is outside the {num_frames} frames 0 to {num_frames - 1} "
+                             "(--frames)")
+        if index in frames:
+            raise ValueError(f"two key frames at frame {index}")
+        frames[index] = read_image(path, option)
+        _check_frame_size(frames[index], option, model)
+    if len(frames) < 2:
+        raise ValueError("interpolate needs at least two key frames")
+    return frames
+
+
+def _check_frame_count(num_frames: int, model: VideoModel, option: str) -> None:
+    ratio = model.temporal_compression
+    if ratio and (num_frames - 1) % ratio:
+        below = (num_frames - 1) // ratio * ratio + 1
+        raise ValueError(f"{option} {num_frames}: this model's VAE encodes 1 + a multiple of {ratio} frames (e.g. "
+                         f"{option} {below} or {below + ratio})")
+
+
+def check_video_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything about ``video``'s files, sizes and frame counts that can be known before a model is loaded; returns
+    the keyword arguments of ``pipelines.video.demo.make_video_file``, with the input images read."""
+    output = Path(args.output)
+    if output.suffix.lower() not in VIDEO_SUFFIXES:
+        raise ValueError(f"--output {output.name}: write a .gif or an .mp4")
+    if output.suffix.lower() == ".mp4":
+        _check_ffmpeg(output, "writing")
+    check_writable(output)
+    model = video_model(args.model, args.trust_remote_code)
+    window, context, ratio = args.window or model.clip_frames, args.context_frames or model.context_frames, \
+        model.temporal_compression
+    if window:
+        _check_frame_count(window, model, "--window")
+    conditioning, video = {}, None
+    num_frames = made_frames = args.frames or window or PIPELINE_NUM_FRAMES
+    if args.task == "i2v":
+        conditioning = {0: read_image(args.image, "--image")}
+        _check_frame_size(conditioning[0], "--image", model)
+    elif args.task == "interpolate":
+        if window and num_frames > window:
+            raise ValueError(f"interpolate makes at most {window} frames with this model (one window; all key frames "
+                             f"must lie in it), got --frames {num_frames}")
+        if ratio and ratio > 1:
+            raise ValueError(f"interpolate needs a model whose VAE does not compress time; this one's packs {ratio} "
+                             "frames into each latent frame, so only the first frame can be given (use i2v)")
+        conditioning = _key_frames(args, num_frames, model)
+    elif args.task == "extend":
+        video = read_video(args.video, "--video")
+        num_frames = args.frames or len(video) + (window or PIPELINE_NUM_FRAMES)
+        if num_frames <= len(video):
+            raise ValueError(f"--frames {num_frames} must exceed the {len(video)} frames of --video {args.video} "
+                             "(it counts the whole extended video)")
+        given = 1 if ratio and ratio > 1 else context  # the last pixel frame alone through a VAE that packs frames
+        if len(video) < given:
+            raise ValueError(f"--video {args.video} has {len(video)} frames; extending it takes its last {given} as "
+                             "context (--context-frames)")
+        added = num_frames - len(video)
+        if ratio and added % ratio:
+            below = len(video) + added // ratio * ratio
+            raise ValueError(f"--frames {num_frames} adds {added} frames to the {len(video)} of --video; this model's "
+                             f"VAE adds a multiple of {ratio} (e.g. --frames {max(below, len(video) + ratio)} or "
+                             f"{below + ratio})")
+        for index, frame in enumerate(video):
+            _check_frame_size(frame, f"frame {index} of --video {args.video}", model)
+        if len({frame.size for frame in video}) > 1:
+            raise ValueError(f"--video {args.video}: its frames differ in size")
+        made_frames = given + added
+    if len({image.size for image in conditioning.values()}) > 1:  # where the model's size is not known
+        raise ValueError("the key frames differ in size")
+    if args.task != "extend":
+        _check_frame_count(num_frames, model, "--frames")
+    if window and ratio and (made_frames - 1) // ratio + 1 > (latent_window := (window - 1) // ratio + 1) \
+            and not context < latent_window:
+        raise ValueError(f"--context-frames must be below the window's {latent_window} latent frames, got {context}")
+    return dict(output=output, model=model.source, trust_remote_code=model.trust_remote_code, num_frames=num_frames,
+                clip_frames=window, num_inference_steps=args.steps, seed=args.seed, fps=args.fps,
+                context_frames=context, conditioning_frames=conditioning, video=video)
+
+
+def _video(args: argparse.Namespace) -> None:
+    request = check_video_arguments(args)
+    from .pipelines.video.demo import make_video_file
+
+    frames, seconds = make_video_file(**request)
+    height, width = frames.shape[1:3]
+    print(f"wrote {args.output}: {len(frames)} frames of {_frame_size_text(height, width)} in {seconds:.1f} s")
 
 
 def positive_int(text: str) -> int:
@@ -252,8 +516,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="The offline demo, in parts: 'samplers' (diffusers' and diffusers-ext's samplers against the exact "
                     "Gaussian-mixture oracle: error versus NFE, 2-D scatter), 'steering' (steering hooks toward exact "
                     "tilted and posterior laws), 'text' (the shipped masked-diffusion language model generates and "
-                    "infills), 'restoration' (the shipped ResShift model super-resolves held-out photos). All parts "
-                    "by default, in under a minute on 2 CPU cores; --full runs the sampler part at full size.")
+                    "infills), 'restoration' (the shipped ResShift model super-resolves held-out photos), 'video' "
+                    "(the shipped FVDM model generates, animates a first frame, interpolates and makes a long video, "
+                    "as GIFs next to held-out clips). All parts by default, in under a minute on 2 CPU cores; --full "
+                    "runs the sampler part at full size.")
     demo.add_argument("parts", nargs="*", type=demo_part, metavar="PART",
                       help=f"which parts to run ({', '.join(DEMO_PARTS)}; default: all)")
     demo.add_argument("--output", default="demo_output", help="folder for the plots and tables (default: %(default)s)")
@@ -276,6 +542,57 @@ def build_parser() -> argparse.ArgumentParser:
                          help="allow --model's loader files (needed for folders saved with diffusers-ext's "
                               "save_for_hub; they import classes from the installed diffusers_ext)")
     restore.set_defaults(run=_restore)
+
+    video = commands.add_parser(
+        "video", help="make a video (by default with the shipped tiny FVDM model of bouncing shapes)",
+        description="Generate a video, animate a first frame (i2v), interpolate between key frames or extend a video "
+                    "with a FrameAwareVideoPipeline (FVDM: one noise level per frame). Writes a .gif, or an .mp4 "
+                    "with imageio-ffmpeg installed.")
+    tasks = video.add_subparsers(dest="task", required=True)
+    task_help = {"generate": "a new video", "i2v": "a video that starts at --image",
+                 "interpolate": "the frames between key frames (--first and --last, or --key-frames)",
+                 "extend": "--video continued to --frames frames in all"}
+    for task in VIDEO_TASKS:
+        task_parser = tasks.add_parser(task, help=task_help[task],
+                                       description=f"diffusers-ext video {task}: {task_help[task]}.")
+        task_parser.add_argument("--output", required=True, help="the video file to write (.gif or .mp4)")
+        if task == "i2v":
+            task_parser.add_argument("--image", required=True, help="the first frame (an image of the model's size)")
+        elif task == "interpolate":
+            task_parser.add_argument("--first", help="the first frame (an image of the model's size)")
+            task_parser.add_argument("--last", help="the last frame")
+            task_parser.add_argument("--key-frames", nargs="+", metavar="INDEX=PATH",
+                                     help="key frames at any indices instead of --first/--last, e.g. 0=a.png "
+                                          "4=b.png 7=c.png")
+        elif task == "extend":
+            task_parser.add_argument("--video", required=True,
+                                     help="the video to continue (.gif or .mp4 of the model's frame size); its last "
+                                          "--context-frames frames are the model's context")
+        frames_help = ("frames of the whole video, the given ones included (default: the given video's and one "
+                       "window more)" if task == "extend" else
+                       "frames of the video (default: the model's window, 8 for the shipped model; more roll the "
+                       "window)" if task != "interpolate" else
+                       "frames of the video, the key frames included (default and most: the window)")
+        task_parser.add_argument("--frames", type=positive_int, help=frames_help)
+        task_parser.add_argument("--window", type=positive_int,
+                                 help="frames per model call; longer videos roll the window (default: the clips the "
+                                      "model was trained on where its training report says, 8 for the shipped one; "
+                                      "otherwise the whole video in one call)")
+        task_parser.add_argument("--model", default=SHIPPED_VIDEO_MODEL,
+                                 help="the shipped model's name, or a FrameAwareVideoPipeline folder or Hub id "
+                                      "(default: %(default)s)")
+        task_parser.add_argument("--trust-remote-code", action="store_true",
+                                 help="allow --model's loader files (needed for folders saved with diffusers-ext's "
+                                      "save_for_hub; they import classes from the installed diffusers_ext)")
+        task_parser.add_argument("--steps", type=positive_int, default=VIDEO_STEPS,
+                                 help="sampling steps (default: %(default)s)")
+        task_parser.add_argument("--context-frames", type=positive_int,
+                                 help="latent frames each window past the first takes from the one before (default: "
+                                      "the model's, 4 for the shipped one)")
+        task_parser.add_argument("--seed", type=int, default=0)
+        task_parser.add_argument("--fps", type=positive_int, default=VIDEO_FPS,
+                                 help="frames per second of the file (default: %(default)s)")
+        task_parser.set_defaults(run=_video)
 
     bench = commands.add_parser("bench", help="benchmarks",
                                 description="Benchmarks: samplers on the exact oracles, speed hooks.")
