@@ -275,7 +275,7 @@ def _check_frame_size(image: Any, name: str, model: VideoModel) -> None:
 
 def _check_ffmpeg(path: Path, use: str) -> None:
     if not all(importlib.util.find_spec(module) for module in ("imageio", "imageio_ffmpeg")):
-        raise ValueError(f"{use} {path.name} needs imageio and imageio-ffmpeg (pip install imageio imageio-ffmpeg); "
+        raise ValueError(f"{use} {path.name} needs imageio and imageio-ffmpeg (pip install 'diffusers-ext[video]'); "
                          "or use a .gif")
 
 
