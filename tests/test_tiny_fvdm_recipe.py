@@ -33,6 +33,7 @@ def smoke_run(tmp_path_factory):
 def test_the_smoke_run_scores_every_task_and_sampler(smoke_run):
     folder, report = smoke_run
     assert json.loads((folder / "training_report.json").read_text()) == report
+    assert list(report["standard_errors"]) == list(SAMPLERS)
     assert report["runs"]["fvdm"]["vectorized_probability"] == 0.2
     assert report["runs"]["scalar_timestep"]["vectorized_probability"] == 0.0
     assert report["runs"]["fvdm"]["steps"] == report["runs"]["scalar_timestep"]["steps"] == recipe.BUDGETS[
@@ -41,9 +42,11 @@ def test_the_smoke_run_scores_every_task_and_sampler(smoke_run):
     for task, samplers in SAMPLERS.items():
         rows = report["held_out"][task]
         assert list(rows) == samplers + BASELINES
-        for figures in rows.values():
+        for name, figures in rows.items():
             assert all(isinstance(value, float) and value == value for value in figures.values())
             assert ("held_out_mse" in figures) == (task in ("image-to-video", "interpolation"))
+            errors = report["standard_errors"][task][name]
+            assert errors.keys() == figures.keys() and all(value >= 0 for value in errors.values())
         assert rows["real clips (floor)"]["clean_fraction"] == 1.0
     card = ModelCard.load(folder / "README.md")
     assert {"frame-aware-video-pipeline", "arxiv:2410.03160", "video"} <= set(card.data.tags)
@@ -68,7 +71,7 @@ def test_a_second_run_gives_the_same_figures(smoke_run, tmp_path):
     _, report = smoke_run
     again = recipe.main(["--budget", "smoke", "--output", str(tmp_path / "model"), "--checkpoints",
                          str(tmp_path / "checkpoints")])
-    assert again["held_out"] == report["held_out"]
+    assert again["held_out"] == report["held_out"] and again["standard_errors"] == report["standard_errors"]
 
 
 @pytest.mark.parametrize("conditioning", [recipe.sample_with_clean_frames, recipe.sample_with_replacement])

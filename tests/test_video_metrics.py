@@ -11,6 +11,7 @@ from diffusers_ext.testing.video_metrics import (
     VideoMetrics,
     area_change,
     centroid_acceleration,
+    centroid_speed,
     clean_pixel_fraction,
     colour_change,
     frame_features,
@@ -48,6 +49,7 @@ def test_a_square_at_constant_velocity_has_no_acceleration_and_keeps_its_area_co
     # The centroid moves 9 / 13 pixel a frame (the moving square holds 9 of the 13 foreground pixels).
     centroid_column = features[0, :, FRAME_FEATURES.index("centroid_column")] * 16
     assert centroid_column.diff().tolist() == pytest.approx([9 / 13] * 5)
+    assert centroid_speed(features, frame_size=16).item() == pytest.approx(9 / 13)
 
 
 def test_a_grey_smear_is_not_clean_and_a_vanishing_shape_changes_area_and_colour():
@@ -111,6 +113,16 @@ def test_each_metric_separates_real_clips_from_its_corruption(metrics, held_out_
     # Persistence: frames of other clips change their objects' area and colour; shuffling one clip does not.
     assert scores["independent"]["area_change"] > 3 * real_scores["area_change"]
     assert scores["independent"]["colour_change"] > 10 * real_scores["colour_change"]
+
+
+def test_bootstrap_standard_errors_match_the_spread_of_a_mean(metrics):
+    clips = bouncing_clips(64, seed=3)
+    features = frame_features(clips)
+    errors = metrics.standard_errors(clips, resamples=400)
+    for key, per_clip in (("centroid_acceleration", centroid_acceleration(features, 16)),
+                          ("centroid_speed", centroid_speed(features, 16)), ("area_change", area_change(features))):
+        assert errors[key] == pytest.approx(float(per_clip.std() / len(clips) ** 0.5), rel=0.2), key
+    assert errors["clean_fraction"] == 0.0 and errors["frame_fd"] > 0 and errors["clip_fd"] > 0
 
 
 def test_bad_clips_raise_value_errors():

@@ -11,10 +11,11 @@ the two. From each frame's foreground (``frame_features``):
 - **object persistence**: how much the foreground's area (relative to its mean) and mean colour change from one frame
   to the next; 0 for shapes that neither fade, appear nor change colour (real clips: only occlusions change them).
 - **motion smoothness**: the foreground centroid's mean second difference in pixels, ``|c_{f+1} - 2 c_f + c_{f-1}|``,
-  near 0 for shapes at constant velocity except at bounces and occlusions.
+  near 0 for shapes at constant velocity except at bounces and occlusions (and for still clips: its mean speed
+  ``|c_{f+1} - c_f|`` says how much a clip moves).
 - **clip Fréchet distance**: the Fréchet distance of per-clip features (the frame features' means and spreads over
-  the clip, their frame-to-frame changes, the centroid's second difference in pixels and the mean absolute pixel
-  change) to real clips'.
+  the clip, their frame-to-frame changes, the centroid's speed and second difference in pixels and the mean absolute
+  pixel change) to real clips'.
 
 The Fréchet distance is FID's: ``|mu_1 - mu_2|^2 + tr(S_1 + S_2 - 2 (S_1^{1/2} S_2 S_1^{1/2})^{1/2})`` between the
 Gaussians with the two feature sets' means and covariances. The features are in their natural units (fractions of
@@ -116,6 +117,13 @@ def colour_change(features: torch.Tensor) -> torch.Tensor:
     return _feature(features, "colour_r", "colour_g", "colour_b").diff(dim=1).norm(dim=-1).mean(dim=1)
 
 
+def centroid_speed(features: torch.Tensor, frame_size: int) -> torch.Tensor:
+    """``(B,)``: the foreground centroid's mean displacement between consecutive frames, in pixels of a
+    ``frame_size`` frame: how much the clip moves (a still clip has no acceleration either)."""
+    centroid = _feature(features, "centroid_row", "centroid_column") * frame_size
+    return centroid.diff(dim=1).norm(dim=-1).mean(dim=1)
+
+
 def centroid_acceleration(features: torch.Tensor, frame_size: int) -> torch.Tensor:
     """``(B,)``: the mean over interior frames of the foreground centroid's second difference, in pixels of a
     ``frame_size`` frame."""
@@ -126,16 +134,18 @@ def centroid_acceleration(features: torch.Tensor, frame_size: int) -> torch.Tens
 def clip_features(clips: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
     """``(B, D)`` float64 per-clip features for the clip Fréchet distance: the frame features' means over the clip,
     the spread over the clip of the area, mean colour and blob count, the mean absolute frame-to-frame change of every
-    frame feature, the centroid's mean second difference in pixels (``centroid_acceleration``: on the frame units of
-    the other features, jerky motion would weigh almost nothing next to colour) and the mean absolute pixel change
-    between consecutive frames. ``features``: the clips' ``frame_features`` when already computed."""
+    frame feature, the centroid's mean speed and second difference in pixels (``centroid_speed``,
+    ``centroid_acceleration``: on the frame units of the other features, jerky motion would weigh almost nothing next
+    to colour) and the mean absolute pixel change between consecutive frames. ``features``: the clips'
+    ``frame_features`` when already computed."""
     clips = check_clips(clips)
     features = frame_features(clips) if features is None else features
     steadiness = _feature(features, "area", "colour_r", "colour_g", "colour_b", "blobs").std(dim=1)
     changes = features.diff(dim=1).abs().mean(dim=1)
-    acceleration = centroid_acceleration(features, frame_size=clips.shape[-1])[:, None]
+    motion = torch.stack([centroid_speed(features, clips.shape[-1]), centroid_acceleration(features, clips.shape[-1])],
+                         dim=1)
     pixel_change = clips.diff(dim=2).abs().mean(dim=(1, 2, 3, 4))[:, None]
-    return torch.cat([features.mean(dim=1), steadiness, changes, acceleration, pixel_change], dim=1)
+    return torch.cat([features.mean(dim=1), steadiness, changes, motion, pixel_change], dim=1)
 
 
 def frechet_distance_from_moments(mean: torch.Tensor, covariance: torch.Tensor, reference_mean: torch.Tensor,
@@ -162,10 +172,11 @@ def frechet_distance(features: torch.Tensor, reference_features: torch.Tensor) -
 
 class VideoMetrics:
     """The figures of the module docstring against a fixed set of real ``reference_clips`` (whose features are
-    computed once): ``VideoMetrics(reference_clips)(clips)`` for clips of the same frame count and size gives
+    computed once). ``VideoMetrics(reference_clips)(clips)``, for clips of the same frame count and size, gives
     ``clean_fraction`` (higher is better; 1 on real frames), ``frame_fd`` and ``clip_fd`` (lower is better),
-    ``area_change``, ``colour_change`` and ``centroid_acceleration`` (pixels; lower is better), each the mean over
-    the clips."""
+    ``area_change``, ``colour_change`` and ``centroid_acceleration`` (pixels; lower is better, but a still clip scores
+    low too) and ``centroid_speed`` (pixels a frame; compare with real clips'), each but the distances the mean over
+    the clips; ``standard_errors(clips)`` their spread over bootstrap resamples of the clips."""
 
     def __init__(self, reference_clips: torch.Tensor):
         reference_clips = check_clips(reference_clips, "reference_clips")
@@ -173,20 +184,37 @@ class VideoMetrics:
         self.frame_features = frame_features(reference_clips)
         self.clip_features = clip_features(reference_clips, self.frame_features)
 
-    def __call__(self, clips: torch.Tensor) -> dict[str, float]:
+    def _features(self, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         clips = check_clips(clips)
         if tuple(clips.shape[2:]) != self.clip_shape:
             raise ValueError(f"clips {tuple(clips.shape)} must have the reference clips' frame count and size "
                              f"{self.clip_shape}")
         features = frame_features(clips)
+        return features, clip_features(clips, features)
+
+    def _figures(self, features: torch.Tensor, per_clip_features: torch.Tensor) -> dict[str, float]:
+        frame_size = self.clip_shape[-1]
         return {
             "clean_fraction": float(_feature(features, "clean_fraction").mean()),
             "frame_fd": frechet_distance(features, self.frame_features),
             "area_change": float(area_change(features).mean()),
             "colour_change": float(colour_change(features).mean()),
-            "centroid_acceleration": float(centroid_acceleration(features, clips.shape[-1]).mean()),
-            "clip_fd": frechet_distance(clip_features(clips, features), self.clip_features),
+            "centroid_speed": float(centroid_speed(features, frame_size).mean()),
+            "centroid_acceleration": float(centroid_acceleration(features, frame_size).mean()),
+            "clip_fd": frechet_distance(per_clip_features, self.clip_features),
         }
+
+    def __call__(self, clips: torch.Tensor) -> dict[str, float]:
+        return self._figures(*self._features(clips))
+
+    def standard_errors(self, clips: torch.Tensor, resamples: int = 100, seed: int = 0) -> dict[str, float]:
+        """Each figure's standard deviation over ``resamples`` bootstrap resamples of ``clips`` (drawn with
+        replacement, the reference fixed): how much the figure owes to which clips were sampled."""
+        features, per_clip_features = self._features(clips)
+        generator = torch.Generator().manual_seed(seed)
+        draws = [self._figures(features[picks], per_clip_features[picks]) for picks in
+                 torch.randint(len(features), (resamples, len(features)), generator=generator)]
+        return {key: float(torch.tensor([draw[key] for draw in draws], dtype=torch.float64).std()) for key in draws[0]}
 
 
 def shuffled_frames(clips: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
