@@ -204,8 +204,8 @@ def run_video_demo(output: Path, num_clips: int = 16, num_long_clips: int = 4, n
     for task, (baseline, baseline_clips) in baselines.items():
         clips, given, ground_truth = results[task]
         lines.append(f"  {task.replace('_', ' ')}: mean squared error to the held-out frames it makes "
-                     f"{recipe.held_out_mse(clips, ground_truth, given):.3f} (model), "
-                     f"{recipe.held_out_mse(baseline_clips, ground_truth, given):.3f} ({baseline})")
+                     f"{float(recipe.held_out_mse(clips, ground_truth, given).mean()):.3f} (model), "
+                     f"{float(recipe.held_out_mse(baseline_clips, ground_truth, given).mean()):.3f} ({baseline})")
     lines.append(f"  the model card has these figures on {recipe.BUDGETS['full'].eval_clips} clips a task, next to "
                  f"a scalar-timestep model (diffusers_ext/assets/{SHIPPED_VIDEO_MODEL})")
     text = "\n".join(lines)
