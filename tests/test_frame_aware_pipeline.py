@@ -249,3 +249,17 @@ def test_frame_counts_a_vae_cannot_take_and_unsupported_components_raise():
         FrameAwareVideoPipeline(wan(), FlowMatchEulerDiscreteScheduler())
     with pytest.raises(ValueError, match="WanTransformer3DModel"):
         FrameAwareVideoPipeline(torch.nn.Linear(2, 2), FrameAwareFlowMatchScheduler())
+
+
+def test_prompts_are_encoded_with_zero_embeddings_at_padding_as_wan_does():
+    from diffusers_ext.testing import tiny_clip_text_encoder, tiny_clip_tokenizer
+    from diffusers_ext.testing.tiny_text import TINY_TEXT_WIDTH
+
+    pipe = FrameAwareVideoPipeline(wan(text_dim=TINY_TEXT_WIDTH), FrameAwareFlowMatchScheduler(),
+                                   text_encoder=tiny_clip_text_encoder(), tokenizer=tiny_clip_tokenizer())
+    embeds = pipe.encode_prompt("a cat", 1, torch.device("cpu"), torch.float32)
+    length = int(pipe.tokenizer("a cat", return_tensors="pt").attention_mask.sum())
+    assert embeds.shape == (1, pipe.tokenizer.model_max_length, TINY_TEXT_WIDTH)
+    assert embeds[:, :length].abs().min() > 0 and torch.equal(embeds[:, length:], torch.zeros_like(embeds[:, length:]))
+    with pytest.raises(ValueError, match="no text encoder: pass prompt_embeds"):
+        pixel_pipeline()(**pixel_call(prompt="a cat", prompt_embeds=None))

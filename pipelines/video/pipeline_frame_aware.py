@@ -171,9 +171,12 @@ class FrameAwareVideoPipeline(DiffusionPipeline):
             text_dim = self.transformer.config.get("text_dim") or self.transformer.config.get("caption_channels")
             return torch.zeros(batch_size, 1, text_dim or 1, device=device, dtype=dtype)
         prompts = [prompt or ""] * batch_size if not isinstance(prompt, list) else prompt
-        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt")
-        return self.text_encoder(tokens.input_ids.to(device))[0].to(dtype)
+        # As WanPipeline encodes (up to 512 tokens): the padding positions' embeddings are zero.
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=min(self.tokenizer.model_max_length, 512),
+                                truncation=True, return_attention_mask=True, return_tensors="pt")
+        mask = tokens.attention_mask.to(device)
+        embeds = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+        return (embeds * mask[..., None]).to(dtype)
 
     def _encode_frames(self, frames: Mapping[int, Any], height: int, width: int, batch_size: int,
                        like: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -299,7 +302,9 @@ class FrameAwareVideoPipeline(DiffusionPipeline):
             context_frames: latent frames each later window takes, clean, from the one before.
             guidance_scale: classifier-free guidance weight (1: none).
             eta: DDIM's stochasticity for the first-order step (0: deterministic).
-            latents: starting noise ``(B, C, F, h, w)`` for the first window (given frames are placed into it).
+            latents: the first window's starting latents ``(B, C, F, h, w)``: noise, into which
+                ``conditioning_frames`` are placed; without ``conditioning_frames`` they are used as given (put the
+                clean latent frames your plan keeps clean in place yourself).
             output_type: ``"np"``, ``"pil"``, ``"pt"`` or ``"latent"``.
             callback_on_step_end: ``callback(pipe, step, timesteps, tensors) -> dict`` after every step of every
                 window, as in diffusers.
