@@ -3,7 +3,10 @@
 - ``"tiny-resshift-sr4"``: 4x super-resolution of photos (``ResShiftPipeline``, 1.1 M parameters, trained on
   scikit-image's photos by ``python -m diffusers_ext.training.recipes.tiny_resshift_sr``);
 - ``"tiny-mdlm-pydoc"``: a masked-diffusion language model of Python's documentation (``MaskedDiffusionLMPipeline``,
-  trained by ``python -m diffusers_ext.training.recipes.tiny_text_model``).
+  trained by ``python -m diffusers_ext.training.recipes.tiny_text_model``);
+- ``"tiny-fvdm-shapes"``: FVDM video of bouncing shapes, 8 frames of 16 x 16 px, in pixel space
+  (``FrameAwareVideoPipeline``: generation, image-to-video, interpolation, long video; 0.31 M parameters, trained on
+  synthetic clips by ``python -m diffusers_ext.training.recipes.tiny_fvdm_shapes``).
 
 Each folder is laid out as a Hub repository (model card, ``training_report.json``, safetensors, and one-line loader
 files that import this package's classes), so it loads like a shared pipeline.
@@ -14,7 +17,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-SHIPPED_MODELS = ("tiny-resshift-sr4", "tiny-mdlm-pydoc")
+SHIPPED_MODELS = ("tiny-resshift-sr4", "tiny-mdlm-pydoc", "tiny-fvdm-shapes")
 
 
 def shipped_model_path(name: str) -> Path:
