@@ -22,7 +22,7 @@ from .components import COMPONENTS, components_markdown_table, list_components
 
 # The restored image is computed at full output resolution; the shipped model needs about 1.6 GB per megapixel.
 MAX_RESTORE_PIXELS = 2048 * 2048
-DEMO_PARTS = ("samplers", "steering", "text", "restoration")
+DEMO_PARTS = ("samplers", "steering", "text", "restoration", "video")
 
 
 def _list(args: argparse.Namespace) -> None:
@@ -116,11 +116,17 @@ def _demo(args: argparse.Namespace) -> None:
             from .pipelines.text.demo import run_text_demo
 
             run_text_demo(output / "text")
-        else:
+        elif part == "restoration":
             print("The shipped tiny ResShift model: 4x super-resolution of photos it was not trained on\n")
             from .pipelines.restoration.demo import run_restoration_demo
 
             run_restoration_demo(output / "restoration")
+        else:
+            print("The shipped tiny FVDM video model: generation, image-to-video, interpolation and a long video, "
+                  "next to held-out clips\n")
+            from .pipelines.video.demo import run_video_demo
+
+            run_video_demo(output / "video")
         seconds[part] = time.perf_counter() - part_start
         print()
     parts = ", ".join(f"{part} {value:.0f} s" for part, value in seconds.items())
@@ -510,8 +516,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="The offline demo, in parts: 'samplers' (diffusers' and diffusers-ext's samplers against the exact "
                     "Gaussian-mixture oracle: error versus NFE, 2-D scatter), 'steering' (steering hooks toward exact "
                     "tilted and posterior laws), 'text' (the shipped masked-diffusion language model generates and "
-                    "infills), 'restoration' (the shipped ResShift model super-resolves held-out photos). All parts "
-                    "by default, in under a minute on 2 CPU cores; --full runs the sampler part at full size.")
+                    "infills), 'restoration' (the shipped ResShift model super-resolves held-out photos), 'video' "
+                    "(the shipped FVDM model generates, animates a first frame, interpolates and makes a long video, "
+                    "as GIFs next to held-out clips). All parts by default, in about a minute on 2 CPU cores; --full "
+                    "runs the sampler part at full size.")
     demo.add_argument("parts", nargs="*", type=demo_part, metavar="PART",
                       help=f"which parts to run ({', '.join(DEMO_PARTS)}; default: all)")
     demo.add_argument("--output", default="demo_output", help="folder for the plots and tables (default: %(default)s)")
