@@ -120,3 +120,18 @@ def test_hub_id_round_trip_through_a_local_hub_server(tmp_path, local_hub):  # n
     assert loaded["scheduler"].startswith("diffusers_ext.schedulers")
     torch.testing.assert_close(torch.tensor(loaded["frames"]), expected, **FLOAT32_TOLERANCE)
     assert list((tmp_path / "hf_home").rglob("diffusers_ext_scheduler.py"))  # it came over HTTP into the fresh cache
+
+
+def test_the_shipped_model_round_trips_through_save_for_hub(tmp_path):
+    from diffusers_ext import load_shipped_pipeline
+
+    shipped = load_shipped_pipeline("tiny-fvdm-shapes")
+    shipped.set_progress_bar_config(disable=True)
+    save_for_hub(shipped, tmp_path / "hub", card_template="video", repo_id="you/tiny-fvdm-shapes")
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "hub", trust_remote_code=True)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded) is FrameAwareVideoPipeline
+    run = dict(num_inference_steps=5, output_type="pt")
+    expected = shipped(generator=torch.Generator().manual_seed(0), **run).frames
+    torch.testing.assert_close(loaded(generator=torch.Generator().manual_seed(0), **run).frames, expected,
+                               **FLOAT32_TOLERANCE)
