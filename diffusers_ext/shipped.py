@@ -33,3 +33,18 @@ def load_shipped_pipeline(name: str, **kwargs):
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(shipped_model_path(name), trust_remote_code=True, **kwargs)
+
+
+def load_pipeline_or_shipped(expected: type, shipped_name: str, model: str | Path | None = None,
+                             trust_remote_code: bool = False):
+    """The shipped model ``shipped_name`` (``model=None``), or the pipeline in a folder or Hub id; a ``ValueError``
+    unless it is an ``expected`` pipeline."""
+    from diffusers import DiffusionPipeline
+
+    if model is None:
+        pipe = load_shipped_pipeline(shipped_name)
+    else:
+        pipe = DiffusionPipeline.from_pretrained(model, trust_remote_code=trust_remote_code)
+    if not isinstance(pipe, expected):
+        raise ValueError(f"{model} holds a {type(pipe).__name__}, not a {expected.__name__}")
+    return pipe

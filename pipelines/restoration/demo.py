@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline
 
-from ...shipped import load_shipped_pipeline
+from ...shipped import load_pipeline_or_shipped
 from ...training.restoration_data import make_degradation, psnr, scikit_image_photos, ssim, upscale_bicubic
 from .pipeline_restoration import RestorationPipeline
 
@@ -20,13 +19,7 @@ SHIPPED_MODEL = "tiny-resshift-sr4"
 
 def load_restoration_pipeline(model: str | Path | None = None, trust_remote_code: bool = False) -> RestorationPipeline:
     """The shipped model (``model=None``), or a restoration pipeline from a folder or Hub id."""
-    if model is None:
-        pipe = load_shipped_pipeline(SHIPPED_MODEL)
-    else:
-        pipe = DiffusionPipeline.from_pretrained(model, trust_remote_code=trust_remote_code)
-    if not isinstance(pipe, RestorationPipeline):
-        raise ValueError(f"{model} holds a {type(pipe).__name__}, not a diffusers-ext restoration pipeline")
-    return pipe
+    return load_pipeline_or_shipped(RestorationPipeline, SHIPPED_MODEL, model, trust_remote_code)
 
 
 def restore_file(input_path: str | Path, output_path: str | Path, model: str | Path | None = None,

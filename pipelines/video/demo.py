@@ -16,12 +16,11 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import torch
-from diffusers import DiffusionPipeline
 from diffusers.utils import export_to_gif, export_to_video
 from tqdm.auto import tqdm
 
 from ...cli import PIPELINE_CONTEXT_FRAMES, SHIPPED_VIDEO_MODEL, VIDEO_FPS, VIDEO_STEPS
-from ...shipped import load_shipped_pipeline
+from ...shipped import load_pipeline_or_shipped
 from ...testing.video_metrics import VideoMetrics
 from ...training.recipes import tiny_fvdm_shapes as recipe
 from .frame_plan import latent_frame_count
@@ -30,13 +29,7 @@ from .pipeline_frame_aware import FrameAwareVideoPipeline
 
 def load_video_pipeline(model: str | Path | None = None, trust_remote_code: bool = False) -> FrameAwareVideoPipeline:
     """The shipped model (``model=None``), or a ``FrameAwareVideoPipeline`` from a folder or Hub id."""
-    if model is None:
-        pipe = load_shipped_pipeline(SHIPPED_VIDEO_MODEL)
-    else:
-        pipe = DiffusionPipeline.from_pretrained(model, trust_remote_code=trust_remote_code)
-    if not isinstance(pipe, FrameAwareVideoPipeline):
-        raise ValueError(f"{model} holds a {type(pipe).__name__}, not a FrameAwareVideoPipeline")
-    return pipe
+    return load_pipeline_or_shipped(FrameAwareVideoPipeline, SHIPPED_VIDEO_MODEL, model, trust_remote_code)
 
 
 def window_count(num_latent_frames: int, window_frames: int, context_frames: int) -> int:
