@@ -112,6 +112,16 @@ def test_missing_card_template_is_a_clear_error_and_writes_nothing(tmp_path, ddi
         save_for_hub(torch.nn.Linear(2, 2), tmp_path / "out")
 
 
+def run_against_local_hub(endpoint: str, home: Path, script: str, *args: str) -> dict:
+    """Run ``script`` in a fresh Python with the local Hub as its endpoint and an empty cache in ``home``; the JSON
+    object its last output line prints."""
+    env = os.environ | {"HF_ENDPOINT": endpoint, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env.pop("HF_HUB_OFFLINE", None)
+    result = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -181,11 +191,7 @@ def test_hub_id_round_trip_through_a_local_hub_server(tmp_path, local_hub, ddim_
     expected = ddim_pipeline(batch_size=8, num_inference_steps=5, generator=seeded(3)).samples
     repo = save_for_hub(ddim_pipeline, models / "org" / "gm-sampler", repo_id="org/gm-sampler")
     _commit_folder(repo)
-    env = os.environ | {"HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
-    env.pop("HF_HUB_OFFLINE", None)
-    result = subprocess.run([sys.executable, "-c", LOAD_FROM_HUB], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    loaded = run_against_local_hub(endpoint, tmp_path / "hf_home", LOAD_FROM_HUB)
     assert loaded["class"] == "diffusers_ext.testing.pipeline_gaussian_mixture.GaussianMixtureSamplingPipeline"
     assert loaded["unet"] == "diffusers_ext.testing.oracle"
     torch.testing.assert_close(torch.tensor(loaded["samples"]), expected)
@@ -224,12 +230,7 @@ def test_an_spm_membrane_loads_by_hub_id_through_a_local_hub_server(tmp_path, lo
     _commit_folder(repo)
     local = load_spm(sd_pipeline(text_encoder=True), repo)
     expected = local("a cat", num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0)).images
-    env = os.environ | {"HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
-    env.pop("HF_HUB_OFFLINE", None)
-    result = subprocess.run([sys.executable, "-c", LOAD_SPM_FROM_HUB, str(Path(__file__).parent)], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    loaded = run_against_local_hub(endpoint, tmp_path / "hf_home", LOAD_SPM_FROM_HUB, str(Path(__file__).parent))
     assert loaded["scales"] == local.scales("a dog")
     np.testing.assert_allclose(np.array(loaded["images"]), expected, atol=1e-6)
     assert list((tmp_path / "hf_home").rglob("spm.json"))  # it came over HTTP into the fresh cache

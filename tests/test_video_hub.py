@@ -4,15 +4,12 @@ a folder and by Hub id through a local Hub server (olah; see shared/HUB_TESTING.
 stock diffusers refuses to run the loader files."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from diffusers import AutoencoderKLWan, DiffusionPipeline, WanTransformer3DModel
 from huggingface_hub import ModelCard
-from test_hub import _commit_folder, local_hub  # noqa: F401  (local_hub: the local Hub server fixture)
+from test_hub import _commit_folder, local_hub, run_against_local_hub  # noqa: F401  (local_hub: the local Hub server fixture)
 from tiny_video import FLOAT32_TOLERANCE, wan
 
 from diffusers_ext.hub import save_for_hub
@@ -111,11 +108,7 @@ def test_hub_id_round_trip_through_a_local_hub_server(tmp_path, local_hub):  # n
                     generator=torch.Generator().manual_seed(4)).frames
     repo = save_for_hub(pipe, models / "org" / "tiny-video", card_template="video", repo_id="org/tiny-video")
     _commit_folder(repo)
-    env = os.environ | {"HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
-    env.pop("HF_HUB_OFFLINE", None)
-    result = subprocess.run([sys.executable, "-c", LOAD_FROM_HUB], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    loaded = run_against_local_hub(endpoint, tmp_path / "hf_home", LOAD_FROM_HUB)
     assert loaded["class"] == "diffusers_ext.pipelines.FrameAwareVideoPipeline"
     assert loaded["scheduler"].startswith("diffusers_ext.schedulers")
     torch.testing.assert_close(torch.tensor(loaded["frames"]), expected, **FLOAT32_TOLERANCE)
