@@ -49,16 +49,10 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+from .rendering import check_cameras
+
 CAMERA_DIM = 16  # a flattened 4 x 4 camera-to-world matrix
 CAMERA_HOOK = "mvdream_camera"  # the name of both hooks: removing it from the UNet removes both
-
-
-def check_cameras(cameras: Any, name: str = "cameras") -> torch.Tensor:
-    """``cameras`` checked to be camera-to-world matrices ``(N, 4, 4)``; a ``ValueError`` naming the shape otherwise."""
-    if not torch.is_tensor(cameras) or cameras.ndim != 3 or cameras.shape[1:] != (4, 4):
-        shape = tuple(cameras.shape) if torch.is_tensor(cameras) else type(cameras).__name__
-        raise ValueError(f"{name} must be camera-to-world matrices of shape (N, 4, 4), got {shape}")
-    return cameras
 
 
 def normalized_camera_features(cameras: torch.Tensor) -> torch.Tensor:
@@ -125,7 +119,8 @@ class MultiViewAttnProcessor:
         if attention_mask is not None:
             raise ValueError("MultiViewAttnProcessor takes no attention_mask (its sequence spans the views)")
         if hidden_states.ndim != 3:
-            raise ValueError(f"MultiViewAttnProcessor needs tokens (B*N, L, C), got shape {tuple(hidden_states.shape)}")
+            raise ValueError("MultiViewAttnProcessor needs tokens (B*N, L, C), got shape "
+                             f"{tuple(hidden_states.shape)}")
         rows, length, channels = hidden_states.shape
         if rows % self.num_views:
             raise ValueError(f"this multi-view attention is built for {self.num_views} views per object, but the "
