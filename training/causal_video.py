@@ -33,11 +33,23 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch.utils.data import Dataset
 
 from ..diffusion_math import prediction_from_x0_and_eps
 from ..pipelines.video.backbones import check_per_frame_backbone, per_frame_prediction
+from ..pipelines.video.causal_attention import causal_attention_state, enable_causal_attention
+from ..testing.video_oracle import VideoGaussianMixtureDenoiser
 from .fvdm import TOY_CLIP, TOY_TEXT_SHAPE, BouncingShapes, FVDMObjective, toy_backbone
+
+
+def check_causal_backbone(model: torch.nn.Module) -> None:
+    """A ``ValueError`` unless ``model`` (or the model inside an accelerate / DDP wrapper) takes per-frame timesteps
+    and has causal attention enabled; the exact video oracle, which has no attention, passes as it is."""
+    check_per_frame_backbone(model)
+    backbone = extract_model_from_parallel(model, keep_torch_compile=False)
+    if not isinstance(backbone, VideoGaussianMixtureDenoiser):
+        causal_attention_state(backbone)
 
 
 class CausalVideoObjective(FVDMObjective):
@@ -111,7 +123,7 @@ class CausalVideoObjective(FVDMObjective):
                 torch.cat([context_timesteps, chunk_timesteps], dim=1), target)
 
     def loss(self, model: torch.nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
-        check_per_frame_backbone(model)
+        check_causal_backbone(model)
         clean, prompt_embeds = self._latents_and_prompt_embeds(batch)
         context_length = self.draw_context_length(generator)
         inputs, timesteps, target = self.teacher_forcing_inputs(clean, context_length, generator)
@@ -131,8 +143,6 @@ def toy_run(config: Any, args: Any = None) -> tuple[CausalVideoObjective, torch.
     in pixel space, unconditional (a zero text embedding). ``lora_rank`` set: a LoRA adapter on the attention
     projections; unset: the whole transformer."""
     from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from ..pipelines.video.causal_attention import enable_causal_attention
 
     dataset = BouncingShapes(1024, **TOY_CLIP, seed=config.seed)
     method = CausalVideoObjective(FlowMatchEulerDiscreteScheduler(), TOY_CHUNK_FRAMES, TOY_CONTEXT_FRAMES,
