@@ -89,7 +89,7 @@ def test_disable_restores_the_model_bit_for_bit(build):
     assert all(model.attn_processors[name] is processor for name, processor in processors.items())
     assert not hasattr(model, "_causal_attention_state")
     if build is wan:
-        assert not model.rope._forward_hooks
+        assert "forward" not in vars(model.rope)
     assert torch.equal(run(), before)
     enable_causal_attention(model)  # and it can be enabled again
 

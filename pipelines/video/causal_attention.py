@@ -35,9 +35,9 @@ distances stay below ``max_frames`` plus the chunk. ``position_period=L`` takes 
 Backbones: ``WanTransformer3DModel`` (self-attention ``attn1`` of every block over the ``F h' w'`` frame tokens; the
 KV cache) and ``UNet3DConditionModel`` (its temporal attention, ``transformer_in`` and ``temp_attentions``, attends
 over frames per pixel; the mask only, as it takes one timestep per clip and so cannot hold clean context at
-timestep 0). ``enable_causal_attention`` installs processors with ``set_attn_processor`` and, on Wan, a forward hook
-on the rotary embedding that reads the frame grid and places frames at their positions; ``disable_causal_attention``
-puts the original processors back and removes the hook.
+timestep 0). ``enable_causal_attention`` installs processors with ``set_attn_processor`` and, on Wan, replaces the
+rotary embedding's ``forward`` (an instance attribute) by one that reads the frame grid and places frames at their
+positions; ``disable_causal_attention`` puts the original processors back and deletes that attribute.
 """
 
 from __future__ import annotations
@@ -186,11 +186,11 @@ class FrameKVCache:
 @dataclass
 class CausalAttentionState:
     """What the causal processors of one model share: the block size, and per call the frame layout, the cache and
-    its mode (set by ``causal_attention_context``), the frame grid of the latest input (set by the rotary hook)."""
+    its mode (set by ``causal_attention_context``), the frame grid of the latest input (set by the rotary
+    embedding's forward)."""
 
     frames_per_block: int
     original_processors: dict
-    hook_handle: torch.utils.hooks.RemovableHandle | None = None
     layout: FrameLayout | None = None
     cache: FrameKVCache | None = None
     cache_mode: str | None = None
@@ -208,6 +208,10 @@ class CausalAttentionState:
             return FrameLayout.block_causal(num_frames, self.frames_per_block, self.cache.next_position,
                                             self.cache.next_block, self.cache.window_start)
         return FrameLayout.block_causal(num_frames, self.frames_per_block)
+
+
+def is_causal_attention_enabled(model: torch.nn.Module) -> bool:
+    return getattr(model, _STATE_ATTRIBUTE, None) is not None
 
 
 def causal_attention_state(model: torch.nn.Module) -> CausalAttentionState:
@@ -306,19 +310,20 @@ def wan_rotary_embedding(rope: torch.nn.Module, latent_shape: torch.Size, frame_
     return outputs[0], outputs[1]
 
 
-def _wan_rope_hook(state: CausalAttentionState):
-    def hook(rope, args, output):
-        latent_shape = args[0].shape
-        patch_t, patch_h, patch_w = rope.patch_size
-        state.tokens_per_frame = (latent_shape[3] // patch_h) * (latent_shape[4] // patch_w)
-        state.num_frames = latent_shape[2] // patch_t
-        layout = state.query_layout(state.num_frames)
-        positions = layout.positions if state.position_period is None else layout.positions % state.position_period
-        if torch.equal(positions, torch.arange(len(positions))):
-            return output  # the model's own table
-        return wan_rotary_embedding(rope, latent_shape, positions)
+def _causal_rope_forward(rope: torch.nn.Module, state: CausalAttentionState):
+    """``rope.forward`` while causal attention is on: reads the frame grid, and computes the rotary angles of the
+    frames' positions itself (the model's table covers only ``0 .. rope_max_seq_len - 1``)."""
 
-    return hook
+    def forward(hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        patch_t, patch_h, patch_w = rope.patch_size
+        state.tokens_per_frame = (hidden_states.shape[3] // patch_h) * (hidden_states.shape[4] // patch_w)
+        state.num_frames = hidden_states.shape[2] // patch_t
+        positions = state.query_layout(state.num_frames).positions
+        if state.position_period is not None:
+            positions = positions % state.position_period
+        return wan_rotary_embedding(rope, hidden_states.shape, positions)
+
+    return forward
 
 
 def _causal_layers(model: torch.nn.Module) -> list[str]:
@@ -337,7 +342,7 @@ def enable_causal_attention(model: torch.nn.Module, frames_per_block: int = 1) -
     block-causal by chunks of ``frames_per_block`` frames otherwise. Returns the state the processors share."""
     if isinstance(frames_per_block, bool) or not isinstance(frames_per_block, int) or frames_per_block < 1:
         raise ValueError(f"frames_per_block must be a positive int, got {frames_per_block!r}")
-    if getattr(model, _STATE_ATTRIBUTE, None) is not None:
+    if is_causal_attention_enabled(model):
         raise ValueError("causal attention is already enabled on this model; disable_causal_attention(model) first")
     layers = _causal_layers(model)
     original = dict(model.attn_processors)
@@ -348,17 +353,18 @@ def enable_causal_attention(model: torch.nn.Module, frames_per_block: int = 1) -
     processors.update({name: processor_class(state, name.removesuffix(".processor")) for name in layers})
     model.set_attn_processor(processors)  # it empties the dict it gets (a fresh one here)
     if isinstance(model, WanTransformer3DModel):
-        state.hook_handle = model.rope.register_forward_hook(_wan_rope_hook(state))
+        model.rope.forward = _causal_rope_forward(model.rope, state)  # an instance attribute: deleted on disable
     setattr(model, _STATE_ATTRIBUTE, state)
     return state
 
 
 def disable_causal_attention(model: torch.nn.Module) -> None:
-    """Puts the original processors back and removes the rotary hook: the model computes exactly as before."""
+    """Puts the original processors back and the rotary embedding's own ``forward``: the model computes exactly as
+    before."""
     state = causal_attention_state(model)
     model.set_attn_processor(dict(state.original_processors))
-    if state.hook_handle is not None:
-        state.hook_handle.remove()
+    if isinstance(model, WanTransformer3DModel):
+        del model.rope.forward
     delattr(model, _STATE_ATTRIBUTE)
 
 
