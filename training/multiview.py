@@ -62,19 +62,21 @@ class MultiViewDenoiser(torch.nn.Module):
                          return_dict=return_dict)
 
 
-def multiview_denoiser(unet: torch.nn.Module, num_views: int, lora_rank: int, lora_alpha: int | None = None,
+def multiview_denoiser(unet: torch.nn.Module, num_views: int, lora_rank: int | None, lora_alpha: int | None = None,
                        target_modules: list[str] | None = None) -> MultiViewDenoiser:
     """``unet`` (a 2D ``UNet2DConditionModel``) made multi-view for ``num_views`` views with a new
-    ``CameraEmbedding``, its own weights frozen, a LoRA adapter of ``lora_rank`` added with diffusers' ``add_adapter``
-    (Gaussian init, as the Trainer's LoRA; saved with ``save_lora_weights``)."""
+    ``CameraEmbedding``; with ``lora_rank`` its own weights frozen and a LoRA adapter of that rank added with
+    diffusers' ``add_adapter`` (Gaussian init, as the Trainer's LoRA; saved with ``save_lora_weights``), without it
+    every weight trained."""
     from peft import LoraConfig
 
     from .config import DIFFUSERS_LORA_TARGETS
 
     camera_embedding = CameraEmbedding(unet.time_embedding.linear_2.out_features)
-    unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, init_lora_weights="gaussian",
-                                target_modules=target_modules or DIFFUSERS_LORA_TARGETS))
+    if lora_rank is not None:
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, init_lora_weights="gaussian",
+                                    target_modules=target_modules or DIFFUSERS_LORA_TARGETS))
     make_multiview(unet, num_views, camera_embedding)
     return MultiViewDenoiser(unet, camera_embedding)
 
@@ -201,17 +203,16 @@ TOY_LORA_RANK = 8
 
 
 def toy_unet(seed: int = 0, size: int = TOY_VIEWS["size"]) -> Any:
-    """A tiny random pixel-space ``UNet2DConditionModel`` (3 channels, ``size`` pixels, two levels, one
-    cross-attention block per level), the same for the same ``seed``: the 2D base model of ``toy_run`` and the
+    """A tiny random pixel-space ``UNet2DConditionModel`` (3 channels, ``size`` pixels, two levels, attention at
+    the coarser one), the same for the same ``seed``: the 2D base model of ``toy_run`` and the
     shipped recipe."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=size, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TOY_TEXT_WIDTH,
-        attention_head_dim=8, norm_num_groups=8)
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TOY_TEXT_WIDTH, attention_head_dim=8, norm_num_groups=8)
 
 
 def toy_run(config: Any, args: Any = None) -> tuple[MultiViewObjective, MultiViewDenoiser, Dataset]:
