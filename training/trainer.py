@@ -52,7 +52,10 @@ class TrainingMethod(Protocol):
       the training batches it returns (transitions of sampled trajectories, say) are what the next micro-steps'
       losses take; a checkpoint keeps the ones not yet taken;
     - ``state_dict()`` / ``load_state_dict(state)`` for running state that checkpoints must keep;
-    - ``last_terms``, a dict of numbers (the loss's terms, the last round's reward) logged with the loss."""
+    - ``last_terms``, a dict of numbers (the loss's terms, the last round's reward) logged with the loss;
+    - ``trainable_modules() -> dict[str, torch.nn.Module]``, modules the loss uses besides the model (CREPA's
+      projection head): the same optimizer trains them, checkpoints keep them, and ``TrainingResult.ema_weights``
+      holds their EMA under ``"<name>.<parameter>"``."""
 
     name: str
 
@@ -161,6 +164,14 @@ class Trainer:
         named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named_trainable:
             raise ValueError(f"{type(model).__name__} has no trainable parameters")
+        self.method_modules = dict(method.trainable_modules()) if callable(
+            getattr(method, "trainable_modules", None)) else {}
+        for name, module in self.method_modules.items():
+            module.to(self.accelerator.device)
+            named_trainable += [(f"{name}.{n}", p) for n, p in module.named_parameters() if p.requires_grad]
+        # Not wrapped by accelerate (the loss calls them directly), so their gradients are averaged by hand.
+        self.method_parameters = [p for module in self.method_modules.values() for p in module.parameters()
+                                  if p.requires_grad]
         optimizer = torch.optim.AdamW([p for _, p in named_trainable], lr=config.learning_rate,
                                       weight_decay=config.weight_decay)
         self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
@@ -188,6 +199,8 @@ class Trainer:
                  "batches_drawn": self.batches_drawn, "processes": gather_object([own])}
         if callable(getattr(self.method, "state_dict", None)):  # a method with running statistics (Smooth-LoRA)
             state["method_state"] = self.method.state_dict()
+        if self.method_modules:
+            state["method_modules"] = {name: module.state_dict() for name, module in self.method_modules.items()}
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -202,6 +215,8 @@ class Trainer:
         self.pending_batches = send_to_device(own["pending_batches"], self.accelerator.device)
         if "method_state" in state:
             self.method.load_state_dict(state["method_state"])
+        for name, module_state in state.get("method_modules", {}).items():
+            self.method_modules[name].load_state_dict(module_state)
 
     def _resume(self) -> None:
         if self.config.resume_from is None:
@@ -263,6 +278,10 @@ class Trainer:
                 if not torch.isfinite(loss):
                     raise ValueError(f"the {self.method.name} loss is not finite at step {self.step}: {loss.item()}")
                 self.accelerator.backward(loss)
+                if self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
+                    for parameter in self.method_parameters:
+                        if parameter.grad is not None:
+                            parameter.grad = self.accelerator.reduce(parameter.grad, reduction="mean")
                 if config.max_grad_norm is not None and self.accelerator.sync_gradients:
                     self.accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
                 self.optimizer.step()
