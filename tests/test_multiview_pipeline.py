@@ -114,8 +114,10 @@ def test_bad_inputs_raise_one_clear_error(pipe):
         run(pipe, output_type="mp4")
     with pytest.raises(ValueError, match="guidance_scale must be >= 1"):
         run(pipe, guidance_scale=0.5)
-    with pytest.raises(ValueError, match="no text encoder"):
+    with pytest.raises(ValueError, match="no text encoder: pass prompt_embeds"):
         pipe("a cube", num_inference_steps=1)
+    with pytest.raises(ValueError, match="no text encoder: pass negative_prompt_embeds"):
+        run(pipe, negative_prompt="blurry")
     with pytest.raises(ValueError, match="num_views=2, but the denoiser is built for 4"):
         MultiViewDiffusionPipeline(unet=pipe.unet, scheduler=pipe.scheduler, num_views=2)
     unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=3,

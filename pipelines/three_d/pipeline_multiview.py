@@ -115,7 +115,7 @@ class MultiViewDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMix
 
     def check_inputs(self, cameras: torch.Tensor | None, height: int, width: int, num_inference_steps: int,
                      guidance_scale: float, output_type: str, callback_tensor_inputs: Sequence[str],
-                     prompt: Any, prompt_embeds: torch.Tensor | None,
+                     prompt: Any, prompt_embeds: torch.Tensor | None, negative_prompt: Any,
                      negative_prompt_embeds: torch.Tensor | None) -> None:
         if cameras is not None:
             check_cameras(cameras)
@@ -139,6 +139,9 @@ class MultiViewDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMix
                              f"{unknown}")
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("pass prompt or prompt_embeds, not both")
+        if negative_prompt is not None and (self.text_encoder is None or self.tokenizer is None):
+            raise ValueError("this pipeline has no text encoder: pass negative_prompt_embeds instead of "
+                             "negative_prompt")
         if prompt is not None and not isinstance(prompt, str | list):
             raise ValueError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
         if prompt_embeds is not None and (not torch.is_tensor(prompt_embeds) or prompt_embeds.ndim != 3):
@@ -232,7 +235,7 @@ class MultiViewDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMix
         height, width = height or default_height, width or default_width
         callback_tensor_inputs = list(callback_on_step_end_tensor_inputs)
         self.check_inputs(cameras, height, width, num_inference_steps, guidance_scale, output_type,
-                          callback_tensor_inputs, prompt, prompt_embeds, negative_prompt_embeds)
+                          callback_tensor_inputs, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds)
         if isinstance(num_objects_per_prompt, bool) or not isinstance(num_objects_per_prompt, int) \
                 or num_objects_per_prompt < 1:
             raise ValueError(f"num_objects_per_prompt must be a positive integer, got {num_objects_per_prompt!r}")
