@@ -183,3 +183,19 @@ def test_bad_inputs_raise_one_clear_error(overrides, message):
 def test_a_backbone_other_than_wan_is_refused():
     with pytest.raises(ValueError, match="needs a WanTransformer3DModel"):
         CausalVideoPipeline(ltx(), FrameAwareFlowMatchScheduler())
+
+
+def test_save_for_hub_then_stock_from_pretrained_makes_the_same_video(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from diffusers_ext.hub import save_for_hub
+
+    pipe = pixel_pipeline()
+    expected = pipe(**pixel_call(image=frames_image(3))).frames
+    save_for_hub(pipe, tmp_path, card_template="causal_video")
+    loaded = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded).__name__ == "CausalVideoPipeline"
+    torch.testing.assert_close(loaded(**pixel_call(image=frames_image(3))).frames, expected, rtol=0, atol=0)
+    card = (tmp_path / "README.md").read_text()
+    assert "arxiv:2411.16375" in card and "max_cache_frames" in card
