@@ -1,11 +1,18 @@
 """Score distillation (SDS, SDI) on the exact view-conditioned oracle and inside stock diffusers pipelines."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from test_video_cli import CHECK_ALL
 from tiny_pipelines import sd_pipeline, sd_scheduler, tiny_sd3, tiny_sdxl
 
+from diffusers_ext.cli import DISTILL_MESH_FORMATS, main
 from diffusers_ext.diffusion_math import vp_alpha_sigma
+from diffusers_ext.pipelines.three_d.mesh_export import MESH_FORMATS
 from diffusers_ext.pipelines.three_d.rendering import VoxelGrid, orbit_cameras, random_cameras, voxel_iou
 from diffusers_ext.pipelines.three_d.score_distillation import (
     ScoreDistillation,
@@ -164,3 +171,50 @@ def test_sdxl_prior_runs():
 def test_bad_inputs(make, message):
     with pytest.raises((ValueError, TypeError), match=message):
         make()
+
+
+@pytest.fixture(scope="module")
+def saved_sd_pipeline(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd")
+    sd_pipeline(text_encoder=True).save_pretrained(folder)
+    return folder
+
+
+def test_distill_command_writes_mesh_and_turntable(tmp_path, saved_sd_pipeline):
+    output = tmp_path / "out"
+    code = main(["3d", "distill", "a ball", "--pipeline", str(saved_sd_pipeline), "--output", str(output),
+                 "--iterations", "2", "--views", "2", "--size", "8", "--resolution", "6", "--mesh-format", "ply",
+                 "--turntable-frames", "3", "--turntable-size", "16"])
+    assert code == 0
+    assert sorted(p.name for p in output.iterdir()) == ["mesh.ply", "turntable.gif"]
+    assert DISTILL_MESH_FORMATS == MESH_FORMATS
+
+
+def test_distill_command_checks_arguments_before_torch_is_imported(tmp_path, saved_sd_pipeline):
+    not_sd = tmp_path / "sd3"
+    not_sd.mkdir()
+    (not_sd / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"],
+         "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}))
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("")
+    base = ["3d", "distill", "a ball", "--pipeline", str(saved_sd_pipeline), "--output", str(tmp_path / "out")]
+    cases = [
+        (["3d", "distill", "a ball", "--pipeline", str(tmp_path / "missing"), "--output", str(tmp_path / "o")],
+         "no pipeline at"),
+        (["3d", "distill", "a ball", "--pipeline", str(not_sd), "--output", str(tmp_path / "o")],
+         "has no unet, text_encoder, tokenizer"),
+        ([*base, "--size", "7"], "multiple of 2; --size is 7"),
+        ([*base, "--lr", "0"], "--lr must be positive"),
+        ([*base, "--resolution", "1"], "--resolution must be at least 2"),
+        ([*base[:-1], str(a_file)], "is a file"),
+        (["3d", "distill", " ", *base[3:]], "the prompt is empty"),
+    ]
+    result = subprocess.run([sys.executable, "-c", CHECK_ALL, json.dumps([argv for argv, _ in cases])],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["torch imported"] is False
+    for (argv, message), (code, stderr) in zip(cases, report["results"], strict=True):
+        assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, (argv, stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "sd3"]

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
@@ -58,7 +59,7 @@ from ...diffusion_math import (
     vp_alphas_cumprod,
     x0_and_eps_from_prediction,
 )
-from .rendering import VoxelGrid, camera_azimuth_elevation, check_cameras, random_cameras, render
+from .rendering import VoxelGrid, camera_azimuth_elevation, check_cameras, grid_points, random_cameras, render
 
 METHODS = ("sds", "sdi")
 DEFAULT_GUIDANCE_SCALE = {"sds": 100.0, "sdi": 7.5}  # DreamFusion's and SDI's text-to-3D settings
@@ -106,14 +107,16 @@ def check_vp_pipeline(pipeline) -> None:
 
 
 class TextToImagePrior:
-    """``DistillationPrior`` of a diffusers VP text-to-image pipeline (SD 1.x / 2.x, SDXL): renders encoded by the VAE
-    (posterior mean, times ``scaling_factor``), prompts encoded once each, classifier-free guidance
+    """``DistillationPrior`` of a diffusers VP text-to-image pipeline (SD 1.x / 2.x, SDXL): renders resized to
+    ``image_size`` (bilinear, as threestudio feeds 64-pixel renders to Stable Diffusion at 512; unchanged when None),
+    encoded by the VAE (posterior mean, times ``scaling_factor``), prompts encoded once each, classifier-free guidance
     ``eps_u + w (eps_c - eps_u)`` against the empty prompt, any ``prediction_type`` converted to ``eps``. The camera
     argument is ignored: a 2D prior sees cameras only through the view-dependent prompts."""
 
-    def __init__(self, pipeline):
+    def __init__(self, pipeline, image_size: int | None = None):
         check_vp_pipeline(pipeline)
         self.pipeline = pipeline
+        self.image_size = image_size
         self.alphas_cumprod = vp_alphas_cumprod(pipeline.scheduler.config)
         self.prediction_type = pipeline.scheduler.config.get("prediction_type", "epsilon")
         self.is_sdxl = getattr(pipeline, "text_encoder_2", None) is not None
@@ -121,6 +124,9 @@ class TextToImagePrior:
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         vae = self.pipeline.vae
+        if self.image_size is not None:
+            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
+                                   align_corners=False)
         latents = vae.encode((2 * images - 1).to(vae.dtype)).latent_dist.mean
         return latents * vae.config.scaling_factor
 
@@ -221,8 +227,8 @@ class ScoreDistillation:
             by default the method's own.
         inversion_steps, inversion_guidance_scale, inversion_eta: SDI's DDIM inversion (the authors' 10 steps,
             guidance -6.5 in our convention, eta 0.3).
-        view_dependent_prompts: append DreamFusion's view suffixes; by default on for a pipeline, off for a
-            ``DistillationPrior`` (a multi-view prior reads the cameras themselves).
+        view_dependent_prompts: append DreamFusion's view suffixes; by default on for a 2D text-to-image prior
+            (a pipeline or ``TextToImagePrior``), off for other priors (a multi-view prior reads the cameras).
     """
 
     def __init__(self, prior, method: str = "sds", guidance_scale: float | None = None,
@@ -241,8 +247,7 @@ class ScoreDistillation:
             raise ValueError(f"inversion_steps must be a positive int, got {inversion_steps!r}")
         if not 0 <= inversion_eta <= 1:
             raise ValueError(f"inversion_eta must lie in [0, 1], got {inversion_eta}")
-        is_pipeline = not isinstance(prior, DistillationPrior)
-        self.prior = TextToImagePrior(prior) if is_pipeline else prior
+        self.prior = prior if isinstance(prior, DistillationPrior) else TextToImagePrior(prior)
         self.method = method
         self.guidance_scale = DEFAULT_GUIDANCE_SCALE[method] if guidance_scale is None else guidance_scale
         self.timestep_range = timestep_range
@@ -250,7 +255,9 @@ class ScoreDistillation:
         self.inversion_steps = inversion_steps
         self.inversion_guidance_scale = inversion_guidance_scale
         self.inversion_eta = inversion_eta
-        self.view_dependent_prompts = is_pipeline if view_dependent_prompts is None else view_dependent_prompts
+        if view_dependent_prompts is None:
+            view_dependent_prompts = isinstance(self.prior, TextToImagePrior)
+        self.view_dependent_prompts = view_dependent_prompts
         # every timestep used is an integer training timestep: (alpha_t, sigma_t) read from one table
         self._alpha_table, self._sigma_table = vp_alpha_sigma(torch.arange(self.num_train_timesteps),
                                                               self.prior.alphas_cumprod)
@@ -318,7 +325,7 @@ class ScoreDistillation:
                  mesh_format: str = "glb", turntable_kwargs: dict | None = None,
                  checkpoint_every: int | None = None, show_progress: bool = True,
                  callback: Callable[[int, VoxelGrid, float], None] | None = None) -> ScoreDistillationOutput:
-        """Optimise ``representation`` (a new ``VoxelGrid`` of ``resolution`` by default) for ``num_iterations``
+        """Optimise ``representation`` (by default ``density_blob(resolution)``) for ``num_iterations``
         Adam steps, each on ``views_per_iteration`` renders from ``random_cameras(**camera_kwargs)``. With
         ``output_dir`` the mesh (``mesh.<mesh_format>``) and ``turntable.gif`` (``export_turntable`` with
         ``turntable_kwargs``) are written there, and with
@@ -335,7 +342,7 @@ class ScoreDistillation:
 
         if mesh_format not in MESH_FORMATS:
             raise ValueError(f"mesh_format must be one of {MESH_FORMATS}, got {mesh_format!r}")
-        representation = representation if representation is not None else VoxelGrid(resolution=resolution)
+        representation = representation if representation is not None else density_blob(resolution)
         optimizer = torch.optim.Adam(representation.parameters(), lr=learning_rate)
         output_dir = Path(output_dir) if output_dir is not None else None
         losses = []
@@ -358,10 +365,20 @@ class ScoreDistillation:
         if output_dir is not None:
             from .mesh_export import export_mesh, export_turntable
 
-            output.mesh_path = export_mesh(representation, output_dir / f"mesh.{mesh_format}")
             turntable = {"background": background} | (turntable_kwargs or {})
             output.turntable_path = export_turntable(representation, output_dir / "turntable.gif", **turntable)
+            output.mesh_path = export_mesh(representation, output_dir / f"mesh.{mesh_format}")
         return output
+
+
+def density_blob(resolution: int = 32, bound: float = 1.0, peak_density: float = 20.0,
+                 radius: float = 0.5) -> VoxelGrid:
+    """DreamFusion's starting point: a grey ``VoxelGrid`` with a density bump at the centre, ``peak_density (1 -
+    |x| / radius)`` inside ``radius`` (DreamFusion adds ``5 (1 - |x| / 0.2)`` to its NeRF's pre-activation density),
+    over ``VoxelGrid``'s initial density elsewhere, so that the first renders have an object to shade."""
+    distance = grid_points(resolution, bound).norm(dim=-1)
+    density = peak_density * (1 - distance / radius).clamp(min=0) + VoxelGrid().config.initial_density
+    return VoxelGrid.from_fields(density, torch.full((3, resolution, resolution, resolution), 0.5), bound)
 
 
 def save_checkpoint(representation: VoxelGrid, path: Path) -> Path:
@@ -385,3 +402,17 @@ def check_prior_cameras(cameras: torch.Tensor, num_samples: int) -> torch.Tensor
     if cameras.shape[0] != num_samples:
         raise ValueError(f"cameras must hold one camera per sample ({num_samples}), got {cameras.shape[0]}")
     return cameras
+
+
+def distill_pretrained(prompt: str, pipeline_path: str | os.PathLike, output_dir: str | os.PathLike,
+                       method: str = "sds", guidance_scale: float | None = None, image_size: int | None = None,
+                       seed: int = 0, **call_kwargs) -> ScoreDistillationOutput:
+    """``diffusers-ext 3d distill``: loads the text-to-image pipeline saved at ``pipeline_path``, distils ``prompt``
+    with ``method`` and writes the mesh and turntable (and checkpoints) to ``output_dir``."""
+    from diffusers import DiffusionPipeline
+
+    pipeline = DiffusionPipeline.from_pretrained(pipeline_path)
+    pipeline.set_progress_bar_config(disable=True)
+    distillation = ScoreDistillation(TextToImagePrior(pipeline, image_size), method=method,
+                                     guidance_scale=guidance_scale)
+    return distillation(prompt, output_dir=output_dir, generator=torch.Generator().manual_seed(seed), **call_kwargs)
