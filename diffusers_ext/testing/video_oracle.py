@@ -451,3 +451,95 @@ class VideoGaussianMixtureDenoiser(PairedScheduleMixin, ModelMixin, ConfigMixin)
         prediction = exact_model_output(sample.to(torch.float64), x0, alpha, sigma, self.config.prediction_type)
         prediction = prediction.to(sample.dtype)
         return GaussianMixtureDenoiserOutput(sample=prediction) if return_dict else (prediction,)
+
+
+# -- JVID's oracle experiment (arXiv 2409.14149): an exact image model and a coarse video model ----------------------
+
+# Clips of 1 x 2 x 2 pixels from two mirrored AR(1) components (every pixel 1 away from 0 in either, so both share
+# one per-pixel variance): a frame sits near one of two modes and a clip stays in its mode.
+JVID_ORACLE_LAW = dict(frame_means=[[1.0, -1.0, 1.0, -1.0], [-1.0, 1.0, -1.0, 1.0]], scales=[0.3, 0.3],
+                       correlations=[0.9, 0.9], frame_shape=(1, 2, 2))
+
+
+def frame_marginal_denoiser(
+    frame_means: Sequence,
+    scales: Sequence[float],
+    correlations: Sequence[float],
+    weights: Sequence[float] | None = None,
+    frame_shape: Sequence[int] | None = None,
+    scheduler_config: Mapping[str, Any] | None = None,
+    prediction_type: str | None = None,
+) -> VideoGaussianMixtureDenoiser:
+    """The exact image model of the AR(1) clip mixture: the denoiser of its frame marginal ``sum_k w_k N(m_k,
+    s_k^2 I)`` (a 1-frame clip; ``correlations`` only complete the law's description). Applied to every frame on its
+    own it is the exact denoiser of clips with the true frame marginal and independent frames."""
+    return VideoGaussianMixtureDenoiser(frame_means, scales, correlations, 1, weights, frame_shape, scheduler_config,
+                                        prediction_type)
+
+
+def moment_matched_video_denoiser(
+    frame_means: Sequence,
+    scales: Sequence[float],
+    correlations: Sequence[float],
+    num_frames: int,
+    weights: Sequence[float] | None = None,
+    frame_shape: Sequence[int] | None = None,
+    scheduler_config: Mapping[str, Any] | None = None,
+    prediction_type: str | None = None,
+) -> VideoGaussianMixtureDenoiser:
+    """A coarse video model of the AR(1) clip mixture: the exact denoiser of the one-component AR(1) law with the
+    mixture's per-pixel mean ``mu = sum_k w_k m_k``, per-frame variance and lag-1 correlation,
+
+        s'^2 = mean_d [sum_k w_k (s_k^2 + m_kd^2) - mu_d^2],   rho' = mean_d [sum_k w_k (s_k^2 rho_k + m_kd^2)
+               - mu_d^2] / s'^2
+
+    (exact per pixel when every pixel has the same between-component spread, as in ``JVID_ORACLE_LAW``). It knows the
+    temporal correlation (to second order) but not the marginal: its frames are Gaussian, not a mixture, and its
+    pixels independent."""
+    law = autoregressive_video_mixture(frame_means, scales, correlations, 2, weights, frame_shape)
+    variance = law.frame_covariance(0).mean()
+    lag_one = law.frame_covariance(1).mean()
+    mean = law.weights @ law.means[:, 0]  # D
+    return VideoGaussianMixtureDenoiser([mean.tolist()], [float(variance.sqrt())], [float(lag_one / variance)],
+                                        num_frames, None, law.frame_shape, scheduler_config, prediction_type)
+
+
+def frame_samples(videos: torch.Tensor) -> torch.Tensor:
+    """``(B, C, F, H, W) -> (B F, C H W)``: every frame of every clip as one sample of the frame marginal."""
+    frames = frames_from_video(videos)
+    return frames.reshape(-1, frames.shape[-1])
+
+
+def consecutive_frame_pairs(videos: torch.Tensor) -> torch.Tensor:
+    """``(B, C, F, H, W) -> (B (F - 1), 2 C H W)``: every pair of neighbouring frames as one vector."""
+    frames = frames_from_video(videos)
+    return torch.cat([frames[:, :-1], frames[:, 1:]], dim=-1).reshape(-1, 2 * frames.shape[-1])
+
+
+def lag_one_correlation(videos: torch.Tensor) -> float:
+    """The empirical correlation of a pixel with itself one frame later, pooled over clips, frames and pixels
+    (each pixel centred and scaled by its mean and spread over clips and frames; for a stationary law)."""
+    frames = frames_from_video(videos.to(torch.float64))  # B, F, D
+    centred = frames - frames.mean(dim=(0, 1))
+    variance = centred.pow(2).mean(dim=(0, 1))
+    return float(((centred[:, 1:] * centred[:, :-1]).mean(dim=(0, 1)) / variance).mean())
+
+
+def single_mode_clip_share(videos: torch.Tensor, law: VideoGaussianMixture) -> float:
+    """The share of clips whose frames all have the same most probable component of the law's frame marginal (1 up
+    to misassignment for the AR(1) mixture, whose clips never change component; ``K^(1 - F)`` for independent frames
+    of ``K`` equally likely components)."""
+    frame_law = VideoGaussianMixture(law.means[:, :1], law.temporal_covariances[:, :1, :1], law.weights,
+                                     law.frame_shape)
+    batch, num_frames = videos.shape[0], videos.shape[2]
+    frames = video_from_frames(frame_samples(videos)[:, None], law.frame_shape)
+    components = frame_law.responsibilities(frames).argmax(dim=1).reshape(batch, num_frames)
+    return float((components == components[:, :1]).all(dim=1).double().mean())
+
+
+def with_mirror_images(videos: torch.Tensor) -> torch.Tensor:
+    """``videos`` followed by ``-videos``. For a law symmetric about 0 (``JVID_ORACLE_LAW``) sampled by symmetric
+    models, the mirror images are as likely as the clips, and scoring both gives the two modes exactly equal shares:
+    the binomial noise of how many clips fell in each far-apart mode, which otherwise dominates a sliced W2 of a few
+    hundred clips, is gone, and what remains is the shape of the frames and of their sequence."""
+    return torch.cat([videos, -videos])
