@@ -10,6 +10,7 @@ from diffusers_ext.pipelines.three_d.rendering import (
     camera_azimuth_elevation,
     orbit_cameras,
     random_cameras,
+    random_orbit_cameras,
     render,
     render_rgba,
     voxel_iou,
@@ -52,6 +53,15 @@ def test_camera_angles_round_trip():
     torch.testing.assert_close(orbit_elevation, torch.full((8,), 20.0, dtype=torch.float64), atol=1e-4, rtol=0)
     assert torch.equal(random_cameras(3, torch.Generator().manual_seed(5)),
                        random_cameras(3, torch.Generator().manual_seed(5)))
+
+
+def test_random_orbits_are_evenly_spaced_views_of_one_elevation():
+    cameras = random_orbit_cameras(3, 4, torch.Generator().manual_seed(0), elevation_range=(0.0, 30.0))
+    azimuth, elevation = (values.reshape(3, 4) for values in camera_azimuth_elevation(cameras))
+    steps = torch.remainder(azimuth.diff(dim=1), 360)
+    torch.testing.assert_close(steps, torch.full((3, 3), 90.0, dtype=torch.float64), atol=1e-3, rtol=0)
+    assert (elevation.std(dim=1) < 1e-3).all() and elevation[:, 0].unique().numel() == 3
+    assert elevation.min() >= -1e-4 and elevation.max() <= 30 + 1e-4
 
 
 def test_uniform_density_opacity_matches_beer_lambert():

@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from test_multiview_pipeline import NUM_VIEWS
+from test_multiview_pipeline import tiny_pipeline as multiview_pipeline
 from test_video_cli import CHECK_ALL
 from tiny_pipelines import sd_pipeline, sd_scheduler, tiny_sd3, tiny_sdxl
 
@@ -218,3 +220,23 @@ def test_distill_command_checks_arguments_before_torch_is_imported(tmp_path, sav
     for (argv, message), (code, stderr) in zip(cases, report["results"], strict=True):
         assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, (argv, stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "sd3"]
+
+
+def test_multiview_pipeline_is_a_prior_with_one_timestep_and_one_orbit_per_object():
+    pipe = multiview_pipeline()
+    distillation = ScoreDistillation(pipe, method="sds", guidance_scale=2.0)
+    assert distillation.views_per_object == NUM_VIEWS and not distillation.view_dependent_prompts
+    timesteps = distillation.timesteps_for(0, 10, 2 * NUM_VIEWS, torch.Generator().manual_seed(0))
+    assert timesteps.reshape(2, NUM_VIEWS).unique(dim=1).shape == (2, 1)
+    # the prior's guided eps is the multi-view UNet's, as the pipeline's sampling loop computes it
+    samples = torch.randn(NUM_VIEWS, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    cameras, t = orbit_cameras(NUM_VIEWS, start_azimuth=30.0), torch.full((NUM_VIEWS,), 300)
+    zeros = torch.zeros(NUM_VIEWS, 1, pipe.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        eps = pipe.unet(samples, t, encoder_hidden_states=zeros, cameras=cameras, return_dict=False)[0]
+    torch.testing.assert_close(distillation.prior(samples, t, cameras, [""] * NUM_VIEWS, 2.0), eps)
+    output = distillation("", VoxelGrid(resolution=6), num_iterations=2, views_per_iteration=NUM_VIEWS, height=8,
+                          width=8, generator=torch.Generator().manual_seed(0), show_progress=False)
+    assert torch.isfinite(torch.tensor(output.losses)).all()
+    with pytest.raises(ValueError, match="multiple of the multi-view prior's 4 views"):
+        distillation("", num_iterations=1, views_per_iteration=3)

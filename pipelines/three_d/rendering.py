@@ -122,6 +122,24 @@ def random_cameras(num: int, generator: torch.Generator | None = None,
     return look_at_cameras(spherical_positions(azimuth, elevation, radius))
 
 
+def random_orbit_cameras(num_objects: int, num_views: int, generator: torch.Generator | None = None,
+                         elevation_range: tuple[float, float] = (0.0, 30.0),
+                         radius_range: tuple[float, float] = (2.5, 2.5)) -> torch.Tensor:
+    """``num_objects`` orbits of ``num_views`` cameras ``(num_objects * num_views, 4, 4)``, views of one orbit
+    consecutive: each orbit at its own random elevation and radius, its views evenly spaced in azimuth from a random
+    start (the camera sets a multi-view model such as MVDream is trained and distilled with)."""
+    if not isinstance(num_objects, int) or num_objects < 1:
+        raise ValueError(f"num_objects must be a positive int, got {num_objects!r}")
+    for name, (low, high) in (("elevation_range", elevation_range), ("radius_range", radius_range)):
+        if low > high:
+            raise ValueError(f"{name} must be (low, high) with low <= high, got {(low, high)}")
+    starts = _uniform(0.0, 360.0, num_objects, generator).tolist()
+    elevations = _uniform(*elevation_range, num_objects, generator).tolist()
+    radii = _uniform(*radius_range, num_objects, generator).tolist()
+    return torch.cat([orbit_cameras(num_views, elevation=e, radius=r, start_azimuth=a)
+                      for a, e, r in zip(starts, elevations, radii, strict=True)])
+
+
 def camera_azimuth_elevation(cameras: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Azimuth in (-180, 180] and elevation in [-90, 90] degrees ``(N,)`` of each camera's position (the inverse of
     ``spherical_positions`` up to the radius)."""

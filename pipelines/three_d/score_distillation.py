@@ -59,7 +59,15 @@ from ...diffusion_math import (
     vp_alphas_cumprod,
     x0_and_eps_from_prediction,
 )
-from .rendering import VoxelGrid, camera_azimuth_elevation, check_cameras, grid_points, random_cameras, render
+from .rendering import (
+    VoxelGrid,
+    camera_azimuth_elevation,
+    check_cameras,
+    grid_points,
+    random_cameras,
+    random_orbit_cameras,
+    render,
+)
 
 METHODS = ("sds", "sdi")
 DEFAULT_GUIDANCE_SCALE = {"sds": 100.0, "sdi": 7.5}  # DreamFusion's and SDI's text-to-3D settings
@@ -175,6 +183,49 @@ class TextToImagePrior:
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 
+class MultiViewPrior:
+    """``DistillationPrior`` of a ``MultiViewDiffusionPipeline`` (MVDream, "MVDream: Multi-view Diffusion for 3D
+    Generation", arXiv 2308.16512, which distils its 3D objects by SDS with this prior): the samples are objects of
+    ``pipeline.num_views`` consecutive views denoised jointly, each view conditioned on its camera, one prompt per
+    view, classifier-free guidance against the empty prompt (zero embeddings without a text encoder). Renders are
+    encoded by the pipeline's VAE, or mapped to ``[-1, 1]`` for a pixel-space denoiser."""
+
+    def __init__(self, pipeline):
+        scheduler_config = pipeline.scheduler.config
+        if noise_path_from_scheduler_config(scheduler_config) != "vp":
+            raise ValueError(f"score distillation needs a VP scheduler; the multi-view pipeline has "
+                             f"{type(pipeline.scheduler).__name__}")
+        self.pipeline = pipeline
+        self.num_views = pipeline.num_views
+        self.alphas_cumprod = vp_alphas_cumprod(scheduler_config)
+        self.prediction_type = scheduler_config.get("prediction_type", "epsilon")
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        vae = self.pipeline.vae
+        if vae is None:
+            return 2 * images - 1
+        return vae.encode((2 * images - 1).to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def __call__(self, samples, timesteps, cameras, prompts, guidance_scale):
+        if samples.shape[0] % self.num_views:
+            raise ValueError(f"a multi-view prior takes whole objects of {self.num_views} views; got "
+                             f"{samples.shape[0]} samples")
+        pipeline, count = self.pipeline, samples.shape[0]
+        unet = pipeline.unet
+        cond = pipeline.encode_prompt(list(prompts) if any(prompts) else None, count, samples.device, unet.dtype)
+        uncond = (pipeline.encode_prompt([""] * count, count, samples.device, unet.dtype)
+                  if pipeline.text_encoder is not None else torch.zeros_like(cond))
+        output = unet(torch.cat([samples, samples]).to(unet.dtype), torch.cat([timesteps, timesteps]),
+                      encoder_hidden_states=torch.cat([uncond, cond]), cameras=torch.cat([cameras, cameras]).float(),
+                      return_dict=False)[0].to(samples.dtype)
+        alpha, sigma = (v.to(samples.dtype)[:, None, None, None].repeat(2, 1, 1, 1)
+                        for v in vp_alpha_sigma(timesteps, self.alphas_cumprod))
+        _, eps = x0_and_eps_from_prediction(output, torch.cat([samples, samples]), alpha, sigma, self.prediction_type)
+        eps_uncond, eps_cond = eps.chunk(2)
+        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
 def view_dependent_prompt(prompt: str, azimuth: float, elevation: float) -> str:
     """DreamFusion's view-dependent prompt for a camera at ``azimuth`` / ``elevation`` degrees (0 = the front)."""
     if elevation > 60:
@@ -247,6 +298,10 @@ class ScoreDistillation:
             raise ValueError(f"inversion_steps must be a positive int, got {inversion_steps!r}")
         if not 0 <= inversion_eta <= 1:
             raise ValueError(f"inversion_eta must lie in [0, 1], got {inversion_eta}")
+        from .pipeline_multiview import MultiViewDiffusionPipeline
+
+        if isinstance(prior, MultiViewDiffusionPipeline):
+            prior = MultiViewPrior(prior)
         self.prior = prior if isinstance(prior, DistillationPrior) else TextToImagePrior(prior)
         self.method = method
         self.guidance_scale = DEFAULT_GUIDANCE_SCALE[method] if guidance_scale is None else guidance_scale
@@ -311,12 +366,20 @@ class ScoreDistillation:
         eps_hat = self.prior(noisy, timesteps, cameras, prompts, self.guidance_scale)
         return x0 - (noisy - sigma * eps_hat) / alpha
 
+    @property
+    def views_per_object(self) -> int:
+        """Views that share one timestep: a multi-view prior's ``num_views`` (MVDream noises an object's views
+        together), 1 for a 2D prior."""
+        return getattr(self.prior, "num_views", 1)
+
     def timesteps_for(self, iteration: int, num_iterations: int, num: int,
                       generator: torch.Generator | None) -> torch.Tensor:
         if self.timestep_schedule == "annealed":
             t = annealed_timestep(iteration, num_iterations, self.timestep_range, self.num_train_timesteps)
             return torch.full((num,), t, dtype=torch.long)
-        return random_timesteps(num, self.timestep_range, self.num_train_timesteps, generator)
+        per_object = random_timesteps(num // self.views_per_object, self.timestep_range, self.num_train_timesteps,
+                                      generator)
+        return per_object.repeat_interleave(self.views_per_object)
 
     def __call__(self, prompt: str, representation: VoxelGrid | None = None, num_iterations: int = 500,
                  views_per_iteration: int = 4, height: int = 64, width: int = 64, learning_rate: float = 0.05,
@@ -326,7 +389,8 @@ class ScoreDistillation:
                  checkpoint_every: int | None = None, show_progress: bool = True,
                  callback: Callable[[int, VoxelGrid, float], None] | None = None) -> ScoreDistillationOutput:
         """Optimise ``representation`` (by default ``density_blob(resolution)``) for ``num_iterations``
-        Adam steps, each on ``views_per_iteration`` renders from ``random_cameras(**camera_kwargs)``. With
+        Adam steps, each on ``views_per_iteration`` renders from ``random_cameras(**camera_kwargs)`` (for a
+        multi-view prior: ``random_orbit_cameras``, one orbit per object). With
         ``output_dir`` the mesh (``mesh.<mesh_format>``) and ``turntable.gif`` (``export_turntable`` with
         ``turntable_kwargs``) are written there, and with
         ``checkpoint_every`` the representation every that many iterations (``checkpoint-<iteration>``, each
@@ -336,6 +400,9 @@ class ScoreDistillation:
         for name, value in (("num_iterations", num_iterations), ("views_per_iteration", views_per_iteration)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if views_per_iteration % self.views_per_object:
+            raise ValueError(f"views_per_iteration must be a multiple of the multi-view prior's "
+                             f"{self.views_per_object} views per object, got {views_per_iteration}")
         if checkpoint_every is not None and (output_dir is None or checkpoint_every < 1):
             raise ValueError("checkpoint_every needs an output_dir and must be a positive int")
         from .mesh_export import MESH_FORMATS
@@ -347,7 +414,10 @@ class ScoreDistillation:
         output_dir = Path(output_dir) if output_dir is not None else None
         losses = []
         for iteration in tqdm(range(num_iterations), disable=not show_progress, desc=f"{self.method.upper()}"):
-            cameras = random_cameras(views_per_iteration, generator, **(camera_kwargs or {}))
+            cameras = (random_cameras(views_per_iteration, generator, **(camera_kwargs or {}))
+                       if self.views_per_object == 1 else
+                       random_orbit_cameras(views_per_iteration // self.views_per_object, self.views_per_object,
+                                            generator, **(camera_kwargs or {})))
             images = render(representation, cameras, height, width, background=background, generator=generator)
             x0 = self.prior.encode(images)
             timesteps = self.timesteps_for(iteration, num_iterations, views_per_iteration, generator)
