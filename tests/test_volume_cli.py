@@ -121,3 +121,15 @@ def test_volume_scores_against_known_values():
     ramp = torch.arange(12.0)[:, None, None].expand(12, 12, 12) / 12
     assert volume_scores(ramp, truth)["gradient_error"] == pytest.approx(1 / 12, rel=1e-5)
     assert volume_scores(truth, truth)["ssim"] == pytest.approx(1.0)
+
+
+def test_volume_demo_writes_every_task_and_kind_with_its_scores(tmp_path, capsys):
+    from diffusers_ext.pipelines.three_d.volume_demo import METHODS, run_volume_demo
+
+    scores = run_volume_demo(tmp_path, num_inference_steps=2, pipe=tiny_pipeline(), kinds=("blobs",), size=16)
+    expected = {f"{task}/blobs" for task in TASKS}
+    assert set(scores) == expected and all(set(row) == set(METHODS) for row in scores.values())
+    assert json.loads((tmp_path / "scores.json").read_text()) == scores
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(f"{k.replace('/', '_')}.png" for k in expected)
+    printed = capsys.readouterr().out
+    assert f"{scores['sparse-view/blobs']['baseline']['psnr']:.2f}" in printed

@@ -33,7 +33,7 @@ from .volume_operators import (
 SHIPPED_SLICE_PRIOR = "tiny-slice-prior"
 VOLUME_SIZE = 32  # the shipped prior's slices are 32 x 32
 LIMITED_ANGLE_VIEWS = 90  # one view per degree over the 90-degree wedge, as in the paper
-NUM_INFERENCE_STEPS = 100
+NUM_INFERENCE_STEPS = 50
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,8 @@ def reconstruct(pipe: DiffusionMBIRPipeline, task: VolumeTask, measurement: torc
 
 
 def reconstruct_volume_file(input_path: str | Path, output_path: str | Path, views: int = 8,
-                            limited_angle: bool = False, sr: int | None = None, num_inference_steps: int = 100,
+                            limited_angle: bool = False, sr: int | None = None,
+                            num_inference_steps: int = NUM_INFERENCE_STEPS,
                             seed: int = 0, model: str | None = None, trust_remote_code: bool = False,
                             lambda_tv: float | None = None, rho: float | None = None) -> dict[str, Any]:
     """``diffusers-ext 3d reconstruct``: measure the volume in ``input_path`` (``(D, H, W)`` in ``[0, 1]``) with the
@@ -166,9 +167,11 @@ def orthogonal_slices(volumes: dict[str, torch.Tensor], truth: torch.Tensor, pat
 
 
 def run_volume_demo(output: Path, num_inference_steps: int = NUM_INFERENCE_STEPS,
-                    pipe: DiffusionMBIRPipeline | None = None) -> dict[str, dict[str, dict[str, float]]]:
-    """For each task, one held-out volume of each kind reconstructed by every method: ``<task>_<kind>.png``
-    (orthogonal slices with PSNR) and ``scores.json`` in ``output``; the table is printed. Returns the scores."""
+                    pipe: DiffusionMBIRPipeline | None = None, kinds: tuple[str, ...] = ("phantom", "blobs"),
+                    size: int = VOLUME_SIZE) -> dict[str, dict[str, dict[str, float]]]:
+    """For each task, one held-out volume of each of ``kinds`` (``size``^3) reconstructed by every method:
+    ``<task>_<kind>.png`` (orthogonal slices with PSNR) and ``scores.json`` in ``output``; the table is printed.
+    Returns the scores."""
     import json
 
     from ...training.volume_data import held_out_volumes
@@ -178,10 +181,10 @@ def run_volume_demo(output: Path, num_inference_steps: int = NUM_INFERENCE_STEPS
     pipe.set_progress_bar_config(disable=True)
     scores: dict[str, dict[str, dict[str, float]]] = {}
     print(f"{'task':<58}{'method':<15}{'PSNR (dB)':>10}{'SSIM':>8}{'|grad err|':>12}")
-    for kind in ("phantom", "blobs"):
-        truth = held_out_volumes(kind, 1, VOLUME_SIZE)[0].float()
+    for kind in kinds:
+        truth = held_out_volumes(kind, 1, size)[0].float()
         for task in TASKS.values():
-            operator = task.operator(VOLUME_SIZE)
+            operator = task.operator(size)
             measurement = operator.forward(truth)
             volumes = {"ground truth": truth}
             for method in METHODS:
