@@ -1,11 +1,15 @@
 """JointImageVideoPipeline (JVID, arXiv 2409.14149): an image model and a video model taking turns on one video."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
-from diffusers import UNet2DModel
+from diffusers import DiffusionPipeline, UNet2DModel
+from huggingface_hub import ModelCard
 from tiny_video import TEXT_DIM, wan
 
+from diffusers_ext.hub import save_for_hub
 from diffusers_ext.pipelines.video import FrameAwareVideoPipeline, JointImageVideoPipeline, denoiser_schedule
 from diffusers_ext.pipelines.video.pipeline_joint_image_video import image_prediction
 from diffusers_ext.schedulers import FrameAwareFlowMatchScheduler
@@ -182,6 +186,23 @@ def test_save_and_load_round_trip_gives_the_same_video(tmp_path):
     loaded.set_progress_bar_config(disable=True)
     assert isinstance(loaded.scheduler, FrameAwareFlowMatchScheduler) and loaded.vae is None
     np.testing.assert_array_equal(loaded(**pixel_call()).frames, expected)
+
+
+def test_save_for_hub_then_stock_from_pretrained_makes_the_same_video(tmp_path):
+    pipe = pixel_pipeline()
+    expected = pipe(**pixel_call(denoiser_schedule=["video", "image", "image"])).frames
+    save_for_hub(pipe, tmp_path, card_template="joint_video", repo_id="me/tiny-jvid", title="tiny JVID")
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == ["diffusers_ext_pipeline", "JointImageVideoPipeline"]
+    assert index["image_transformer"] == index["transformer"] == ["diffusers", "WanTransformer3DModel"]
+    card = ModelCard.load(tmp_path / "README.md")
+    assert 'DiffusionPipeline.from_pretrained("me/tiny-jvid", trust_remote_code=True)' in card.text
+    assert {"joint-image-video-pipeline", "arxiv:2409.14149"} <= set(card.data.tags)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded) is JointImageVideoPipeline
+    np.testing.assert_array_equal(loaded(**pixel_call(denoiser_schedule=["video", "image", "image"])).frames,
+                                  expected)
 
 
 def tiny_unet(channels: int = 3) -> UNet2DModel:
