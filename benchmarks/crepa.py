@@ -1,13 +1,13 @@
 """CREPA LoRA against plain LoRA at toy scale: the same base model, data, data order, noise draws and step budget,
 with and without CREPA's alignment term (arXiv 2506.09229), on bouncing shapes.
 
-    nice -n 10 python benchmarks/crepa.py [--seeds 0 1 2] [--steps 300] [--eval-clips 64]
+    nice -n 10 python benchmarks/crepa.py [--seeds 0 1 2] [--steps 300] [--eval-clips 64] [--loss-weight 0.5]
 
 The base is the shipped ``tiny-fvdm-shapes`` transformer (a four-block pixel-space Wan trained on up to 2 shapes at
 0.5-2 px a frame). Each run fine-tunes a rank-8 LoRA (learning rate 1e-3, batch 8, the FVDM loss with its authors'
 p = 0.2) towards a shifted law: up to 3 shapes at 1.5-3 px a frame (``BouncingShapes(max_shapes=3,
-speed=(1.5, 3.0))``); the CREPA run adds ``CREPAObjective``'s defaults (lambda 0.5, tau 1, neighbours at distance 1,
-block 1 of 4, ``RandomConvFrameEncoder(seed=0)``). For every model, 64 clips are sampled (20 steps, the same initial
+speed=(1.5, 3.0))``); the CREPA run adds ``CREPAObjective``'s defaults (lambda 0.5, or ``--loss-weight``; tau 1,
+neighbours at distance 1, block 1 of 4, ``RandomConvFrameEncoder(seed=0)``). For every model, 64 clips are sampled (20 steps, the same initial
 noise for every model) and scored against 256 held-out clips of the shifted law:
 
 - fidelity: the held-out denoising loss (the FVDM loss at one timestep per clip on 64 held-out clips, the same draws
@@ -58,10 +58,12 @@ def base_objective(vectorized_probability: float = 0.2) -> FVDMObjective:
                          prompt_embeds=torch.zeros(1, 1, 16))
 
 
-def fine_tune(base_model: torch.nn.Module, use_crepa: bool, seed: int, steps: int) -> torch.nn.Module:
+def fine_tune(base_model: torch.nn.Module, use_crepa: bool, seed: int, steps: int,
+              loss_weight: float) -> torch.nn.Module:
     """A rank-8 LoRA of a copy of ``base_model`` trained for ``steps`` on the shifted law, with or without CREPA."""
     model = copy.deepcopy(base_model).train()
-    method = CREPAObjective(base_objective(), model, seed=seed) if use_crepa else base_objective()
+    method = (CREPAObjective(base_objective(), model, loss_weight=loss_weight, seed=seed) if use_crepa
+              else base_objective())
     initial_head = copy.deepcopy(method.head.state_dict()) if use_crepa else None
     with tempfile.TemporaryDirectory() as folder:
         config = TrainingConfig(output_dir=folder, max_steps=steps, batch_size=8, learning_rate=1e-3, lora_rank=8,
@@ -119,6 +121,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--eval-clips", type=int, default=64)
+    parser.add_argument("--loss-weight", type=float, default=0.5, help="CREPA's lambda")
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -129,13 +132,13 @@ def main() -> None:
     rows = {"base (no fine-tuning)": [evaluate(base_model.eval(), metrics, encoder, held_out, args.eval_clips)]}
     for seed in args.seeds:
         for name, use_crepa in (("plain LoRA", False), ("CREPA LoRA", True)):
-            model = fine_tune(base_model, use_crepa, seed, args.steps)
+            model = fine_tune(base_model, use_crepa, seed, args.steps, args.loss_weight)
             rows.setdefault(name, []).append(evaluate(model, metrics, encoder, held_out, args.eval_clips))
             print(f"seed {seed} {name}: {rows[name][-1]} ({time.perf_counter() - start:.0f} s)", flush=True)
     rows["CREPA - plain (paired by seed)"] = [{key: crepa[key] - plain[key] for key in FIGURES} for crepa, plain in
                                              zip(rows["CREPA LoRA"], rows["plain LoRA"], strict=True)]
     rows["real held-out clips"] = [figures(held_out, metrics, encoder)]
-    print(f"\n{args.steps} steps, seeds {args.seeds}, {args.eval_clips} clips each, "
+    print(f"\n{args.steps} steps, seeds {args.seeds}, {args.eval_clips} clips each, lambda {args.loss_weight}, "
           f"{time.perf_counter() - start:.0f} s\n")
     print("| model | " + " | ".join(FIGURES) + " |")
     print("| --- |" + " --- |" * len(FIGURES))

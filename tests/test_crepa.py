@@ -211,9 +211,6 @@ def training_config(tmp_path, **settings):
                              "lora_rank": 2, "checkpoint_every": 1, "seed": 0, **settings})
 
 
-@pytest.mark.xfail(raises=AssertionError, strict=True,
-                   reason="needs the Trainer to train a method's trainable_modules() (the change proposed in the "
-                          "CREPA report); remove this mark once training/trainer.py has it")
 def test_the_trainer_trains_the_head_and_resumes_it_exactly(tmp_path):
     clips = torch.randn(8, 4, 4, 8, 8, generator=seeded(2))
 

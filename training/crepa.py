@@ -206,8 +206,8 @@ class CREPAObjective:
     ``(B, C_pixel, F_pixel, H_pixel, W_pixel)`` under ``"frames"`` (the encoder's input; without them it sees the
     latents, right for pixel-space models).
 
-    The projection head (``self.head``) is trained with the model: ``trainable_modules()`` names it for the
-    ``Trainer``'s optimizer, and ``state_dict()`` / ``load_state_dict()`` keep its weights in checkpoints.
+    The projection head (``self.head``) is trained with the model: ``trainable_modules()`` hands it to the
+    ``Trainer``, whose optimizer trains it and whose checkpoints keep it.
 
     Args:
         base_objective: the backbone's diffusion loss, anything with ``loss(model, batch, generator)`` (e.g.
@@ -278,12 +278,6 @@ class CREPAObjective:
         """The modules the method trains besides the model: the projection head."""
         return {"crepa_head": self.head}
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: value.detach().cpu() for name, value in self.head.state_dict().items()}
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.head.load_state_dict(state)
-
     @staticmethod
     def _latents_and_frames(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         latents = batch.get("latents") if isinstance(batch, Mapping) else batch
@@ -302,6 +296,8 @@ class CREPAObjective:
         """The encoder's features of every clean frame, ``(B, F, D, h, w)`` (or ``(B, F, D)``), checked against the
         projection head's ``D``."""
         batch, _, num_frames = frames.shape[:3]
+        if isinstance(self.encoder, nn.Module):
+            self.encoder.to(frames.device)
         with torch.no_grad():
             features = self.encoder(frames.transpose(1, 2).flatten(0, 1))
         if not torch.is_tensor(features) or features.ndim not in (2, 4) or features.shape[0] != batch * num_frames:
