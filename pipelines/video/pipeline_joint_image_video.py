@@ -42,8 +42,8 @@ def denoiser_schedule(schedule: str | Sequence[str], num_steps: int, generator: 
                       video_probability: float = 0.5) -> list[str]:
     """The model that denoises at each of ``num_steps`` steps, ``"video"`` or ``"image"``:
 
-    - ``"alternate"`` (JVID's): the video model at even steps (first at the noisiest, where the clip's layout and
-      motion are decided), the image model at odd ones;
+    - ``"alternate"`` (the default, JVID's as the pipeline reads it): the video model at even steps (first at the
+      noisiest, where the clip's layout and motion are decided), the image model at odd ones;
     - ``"random"``: each step the video model with probability ``video_probability``, drawn from ``generator``;
     - ``"video"`` / ``"image"``: one model throughout (each model alone, the comparison JVID makes);
     - a sequence of ``num_steps`` names: your own.
@@ -158,11 +158,13 @@ class JointImageVideoPipeline(FrameAwareVideoPipeline):
         m^f = v_image(x^f, tau_k^f)   for every frame f on its own    if d_k = image
 
     (with classifier-free guidance, each model's ``m = m(0) + w (m(c) - m(0))``). Both models predict the same target
-    on the same noise path and latent space (one ``scheduler`` serves both, one VAE decodes the result). The default
-    schedule is ``"alternate"`` (video, image, video, ...), JVID's rule as this implementation reads the paper (one
-    model chosen per step, the two taking turns); ``"random"`` draws the model per step, ``"video"`` / ``"image"``
-    run one model alone, and a list gives your own. With a second-order scheduler (``solver_order=2``) the history
-    is the previous step's ``x0`` estimate, whichever model made it.
+    on the same noise path and latent space (one ``scheduler`` serves both, one VAE decodes the result). JVID selects
+    one model per step (its figure 1: "at each step, we select one model"); the default ``"alternate"`` (video,
+    image, video, ...) follows the account of the paper as alternating the two, and ``"random"`` (a draw per step) is
+    the other reading: neither has been checked against the paper's algorithm, whose text was not available here.
+    ``"video"`` / ``"image"`` run one model alone, and a list gives your own (measured on toy data in
+    ``benchmarks/joint_image_video.py``: which schedule helps depends on the two models). With a second-order
+    scheduler (``solver_order=2``) the history is the previous step's ``x0`` estimate, whichever model made it.
 
     Everything else is ``FrameAwareVideoPipeline``'s: plans (image-to-video, interpolation, your own), rolling
     windows (each window walks the schedule from its start), ``output_type``, ``callback_on_step_end``, the progress
