@@ -66,6 +66,15 @@ def test_adjoint_is_exact(name, dtype):
     assert abs(left - right) <= ADJOINT_TOLERANCE[dtype] * scale
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_projected_in_float32(dtype):
+    operator = ParallelBeamProjection(sparse_view_angles(8), 16)
+    volume = torch.rand(VOLUME_SHAPE, generator=torch.Generator().manual_seed(6))
+    forward = operator.forward(volume.to(dtype))
+    assert forward.dtype == dtype and operator.adjoint(forward).dtype == dtype
+    torch.testing.assert_close(forward.float(), operator.forward(volume.to(dtype).float()).to(dtype).float())
+
+
 def test_projection_computes_line_integrals():
     operator = ParallelBeamProjection([0.0, 0.4, math.pi / 2, 2.5], 12)
     image = torch.rand(1, 12, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

@@ -141,15 +141,18 @@ class ParallelBeamProjection:
         return (f"{type(self).__name__}(num_angles={len(self.angles)}, size={self.size}, "
                 f"num_detectors={self.num_detectors})")
 
-    def _matrix_pair(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        key = (like.dtype, like.device)
+    def _apply(self, which: int, columns: Tensor) -> Tensor:
+        """``P @ columns`` (``which = 0``) or ``P^T @ columns`` (1) in the columns' dtype and device; half precision
+        is computed in float32 (torch has no half-precision sparse products on CPU, and long sums need the bits)."""
+        compute_dtype = torch.float32 if columns.element_size() < 4 else columns.dtype
+        key = (compute_dtype, columns.device)
         if key not in self._matrices:
-            matrix = self._coo.to(dtype=like.dtype, device=like.device)
+            matrix = self._coo.to(dtype=compute_dtype, device=columns.device)
             # CSR products are 2-3x faster than COO ones on CPU; torch warns that CSR is "beta" on first use.
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
                 self._matrices[key] = (matrix.to_sparse_csr(), matrix.t().coalesce().to_sparse_csr())
-        return self._matrices[key]
+        return (self._matrices[key][which] @ columns.to(compute_dtype)).to(columns.dtype)
 
     def measurement_shape(self, volume_shape: Sequence[int]) -> tuple[int, int, int]:
         depth, height, width = _require_volume_shape(volume_shape)
@@ -165,9 +168,8 @@ class ParallelBeamProjection:
         _require_volume(volume)
         depth = volume.shape[0]
         measurement_shape = self.measurement_shape(volume.shape)
-        matrix, _ = self._matrix_pair(volume)
         # Slices as the columns of one dense matrix: one sparse product projects them all.
-        return (matrix @ volume.reshape(depth, -1).T).T.reshape(measurement_shape)
+        return self._apply(0, volume.reshape(depth, -1).T).T.reshape(measurement_shape)
 
     def adjoint(self, measurement: Tensor) -> Tensor:
         if not isinstance(measurement, Tensor) or measurement.dim() != 3 or tuple(measurement.shape[1:]) != (
@@ -175,8 +177,7 @@ class ParallelBeamProjection:
             raise ValueError(f"the adjoint of {self!r} takes sinograms (D, {len(self.angles)}, {self.num_detectors}), "
                              f"got {tuple(measurement.shape) if isinstance(measurement, Tensor) else measurement!r}")
         depth = measurement.shape[0]
-        _, transpose = self._matrix_pair(measurement)
-        return (transpose @ measurement.reshape(depth, -1).T).T.reshape(depth, self.size, self.size)
+        return self._apply(1, measurement.reshape(depth, -1).T).T.reshape(depth, self.size, self.size)
 
     __call__ = forward
 
