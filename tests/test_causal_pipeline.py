@@ -90,9 +90,12 @@ def test_the_transformer_comes_back_as_it_was():
     pipe(**pixel_call())
     assert not is_causal_attention_enabled(pipe.transformer)
     assert all(pipe.transformer.attn_processors[name] is processor for name, processor in processors.items())
-    enable_causal_attention(pipe.transformer)  # a model made causal by its owner stays causal
-    pipe(**pixel_call())
+    enable_causal_attention(pipe.transformer, frames_per_block=2)  # a model made causal by its owner stays causal
+    torch.testing.assert_close(pipe(**pixel_call()).frames, pipe(**pixel_call(frames_per_block=2)).frames,
+                               rtol=0, atol=0)  # and its blocks are the default
     assert is_causal_attention_enabled(pipe.transformer)
+    with pytest.raises(ValueError, match="already causal with frames_per_block=2"):
+        pipe(**pixel_call(frames_per_block=1))
 
 
 def test_output_types_callbacks_and_same_seed_same_output():

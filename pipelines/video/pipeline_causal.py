@@ -16,6 +16,7 @@ from .causal_attention import (
     FrameKVCache,
     FrameLayout,
     causal_attention_context,
+    causal_attention_state,
     disable_causal_attention,
     enable_causal_attention,
     is_causal_attention_enabled,
@@ -94,6 +95,11 @@ class CausalVideoPipeline(FrameAwareVideoPipeline):
             raise ValueError(f"context_policy must be one of {CONTEXT_POLICIES}, got {context_policy!r}")
         if image is not None and video is not None:
             raise ValueError("pass image (the first frame) or video (a clip to extend), not both")
+        if is_causal_attention_enabled(self.transformer) and frames_per_block is not None \
+                and frames_per_block != causal_attention_state(self.transformer).frames_per_block:
+            raise ValueError(f"the transformer is already causal with frames_per_block="
+                             f"{causal_attention_state(self.transformer).frames_per_block}; got frames_per_block="
+                             f"{frames_per_block} (leave it None to use the model's)")
         return latent_frames, chunk_frames // ratio
 
     def encode_video(self, video: Any, height: int, width: int, batch_size: int, like: torch.Tensor
@@ -156,7 +162,7 @@ class CausalVideoPipeline(FrameAwareVideoPipeline):
         use_cache: bool = True,
         max_cache_frames: int | None = None,
         context_policy: str | None = None,
-        frames_per_block: int = 1,
+        frames_per_block: int | None = None,
         position_period: int | None = None,
         guidance_scale: float = 1.0,
         eta: float = 0.0,
@@ -188,7 +194,8 @@ class CausalVideoPipeline(FrameAwareVideoPipeline):
             context_policy: for a ``video`` longer than ``max_cache_frames``: ``"drop_oldest"`` keeps its newest
                 frames as context; ``None`` raises.
             frames_per_block: causal blocks within a chunk (1: frame-causal; the chunk length: chunk-causal); it
-                must match how the model was trained (``enable_causal_attention``).
+                must match how the model was trained. ``None``: that of a transformer already made causal
+                (``enable_causal_attention(transformer, frames_per_block)``), else 1.
             position_period: cyclic frame positions ``p mod L`` (Ca2-VDM's cyclic temporal positions); ``None``:
                 absolute positions.
             guidance_scale: classifier-free guidance weight (1: none).
@@ -238,7 +245,8 @@ class CausalVideoPipeline(FrameAwareVideoPipeline):
 
         enabled_here = not is_causal_attention_enabled(self.transformer)
         if enabled_here:
-            enable_causal_attention(self.transformer, frames_per_block)
+            enable_causal_attention(self.transformer, frames_per_block or 1)
+        frames_per_block = causal_attention_state(self.transformer).frames_per_block
         try:
             video_latents, cache_frames = self._generate(
                 video_latents, latent_frames, chunk_latent_frames, frames_per_block, max_cache_frames,
