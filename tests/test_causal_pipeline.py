@@ -202,3 +202,16 @@ def test_save_for_hub_then_stock_from_pretrained_makes_the_same_video(tmp_path):
     torch.testing.assert_close(loaded(**pixel_call(image=frames_image(3))).frames, expected, rtol=0, atol=0)
     card = (tmp_path / "README.md").read_text()
     assert "arxiv:2411.16375" in card and "max_cache_frames" in card
+
+
+def test_the_exact_oracle_is_taken_uncached():
+    """``VideoGaussianMixtureDenoiser`` conditions on the frames it is given (causal by construction; the chunked
+    law is tested in test_causal_video_oracle.py): no attention, so no cache."""
+    from tiny_video import FRAMES, oracle
+
+    pipe = CausalVideoPipeline(oracle(), FrameAwareFlowMatchScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(num_frames=FRAMES, chunk_frames=FRAMES, height=8, width=8, num_inference_steps=3, output_type="latent")
+    with pytest.raises(ValueError, match="pass use_cache=False"):
+        pipe(**call)
+    assert pipe(**call, use_cache=False).frames.shape == (1, 4, FRAMES, 8, 8)

@@ -4,6 +4,7 @@ shared by every denoising step (Ca2-VDM, ViD-GPT)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,7 @@ from diffusers import WanTransformer3DModel
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ...testing.video_oracle import VideoGaussianMixtureDenoiser
 from .causal_attention import (
     FrameKVCache,
     FrameLayout,
@@ -64,18 +66,31 @@ class CausalVideoPipeline(FrameAwareVideoPipeline):
     any number of chunks follow until ``num_frames``. Prompt encoding, the VAE (or pixel space without one),
     classifier-free guidance, the frame-aware scheduler's per-frame step and output types are
     ``FrameAwareVideoPipeline``'s. Components: a ``WanTransformer3DModel`` (the cache needs one timestep per frame
-    and the rotary attention the processors know), a frame-aware ``scheduler``, optionally ``vae``,
-    ``text_encoder`` and ``tokenizer``.
+    and the rotary attention the processors know) or the exact test oracle ``VideoGaussianMixtureDenoiser`` (causal
+    by construction: it conditions on the frames it is given; no attention, so ``use_cache=False``), a frame-aware
+    ``scheduler``, optionally ``vae``, ``text_encoder`` and ``tokenizer``.
     """
 
     def __init__(self, transformer, scheduler, vae=None, text_encoder=None, tokenizer=None):
-        if not isinstance(transformer, WanTransformer3DModel):
+        if not isinstance(transformer, WanTransformer3DModel | VideoGaussianMixtureDenoiser):
             raise ValueError(f"CausalVideoPipeline needs a WanTransformer3DModel (frame self-attention with rotary "
-                             f"positions and one timestep per frame), got {type(transformer).__name__}")
+                             f"positions and one timestep per frame) or the exact VideoGaussianMixtureDenoiser, got "
+                             f"{type(transformer).__name__}")
         super().__init__(transformer, scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
 
+    @property
+    def _has_attention(self) -> bool:
+        """Whether the transformer has attention to make causal (Wan), or is causal by construction (the oracle)."""
+        return isinstance(self.transformer, WanTransformer3DModel)
+
+    def _attention(self, layout: FrameLayout, cache: FrameKVCache | None = None, cache_mode: str | None = None,
+                   position_period: int | None = None):
+        if not self._has_attention:
+            return nullcontext()
+        return causal_attention_context(self.transformer, layout, cache, cache_mode, position_period)
+
     def check_causal_inputs(self, num_frames, chunk_frames, image, video, max_cache_frames, context_policy,
-                            frames_per_block, output_type, guidance_scale) -> tuple[int, int]:
+                            frames_per_block, use_cache, output_type, guidance_scale) -> tuple[int, int]:
         """``(latent frames of the video, latent frames per chunk)``; a ``ValueError`` for anything else."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -95,7 +110,10 @@ class CausalVideoPipeline(FrameAwareVideoPipeline):
             raise ValueError(f"context_policy must be one of {CONTEXT_POLICIES}, got {context_policy!r}")
         if image is not None and video is not None:
             raise ValueError("pass image (the first frame) or video (a clip to extend), not both")
-        if is_causal_attention_enabled(self.transformer) and frames_per_block is not None \
+        if not self._has_attention and use_cache:
+            raise ValueError(f"the KV cache holds attention keys and values; {type(self.transformer).__name__} has "
+                             "none: pass use_cache=False")
+        if self._has_attention and is_causal_attention_enabled(self.transformer) and frames_per_block is not None \
                 and frames_per_block != causal_attention_state(self.transformer).frames_per_block:
             raise ValueError(f"the transformer is already causal with frames_per_block="
                              f"{causal_attention_state(self.transformer).frames_per_block}; got frames_per_block="
@@ -207,8 +225,8 @@ class CausalVideoPipeline(FrameAwareVideoPipeline):
             backbone_kwargs: passed to the transformer.
         """
         latent_frames, chunk_latent_frames = self.check_causal_inputs(
-            num_frames, chunk_frames, image, video, max_cache_frames, context_policy, frames_per_block, output_type,
-            guidance_scale)
+            num_frames, chunk_frames, image, video, max_cache_frames, context_policy, frames_per_block, use_cache,
+            output_type, guidance_scale)
         callback_tensor_inputs = list(callback_on_step_end_tensor_inputs)
         unknown = set(callback_tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
@@ -231,7 +249,9 @@ class CausalVideoPipeline(FrameAwareVideoPipeline):
                       .to(device), **embeds}
         stacked = torch.cat(list(embeds.values()))
 
-        latent_shape = (batch, self.transformer.config.in_channels, 1, height // self.spatial_compression,
+        # The exact test oracle has no in_channels; it names the clip shape it takes.
+        channels = self.transformer.config.get("in_channels") or self.transformer.sample_shape[0]
+        latent_shape = (batch, channels, 1, height // self.spatial_compression,
                         width // self.spatial_compression)
         video_latents = self._context_latents(image, video, height, width, batch,
                                               torch.empty(latent_shape, device=device, dtype=dtype),
@@ -243,10 +263,12 @@ class CausalVideoPipeline(FrameAwareVideoPipeline):
                    callback_on_step_end=callback_on_step_end, callback_tensor_inputs=callback_tensor_inputs,
                    prompt_embeds=embeds)
 
-        enabled_here = not is_causal_attention_enabled(self.transformer)
+        enabled_here = self._has_attention and not is_causal_attention_enabled(self.transformer)
         if enabled_here:
             enable_causal_attention(self.transformer, frames_per_block or 1)
-        frames_per_block = causal_attention_state(self.transformer).frames_per_block
+        # Blocks of the layouts: the causal transformer's own (the oracle has none to follow).
+        frames_per_block = causal_attention_state(self.transformer).frames_per_block if self._has_attention \
+            else frames_per_block or 1
         try:
             video_latents, cache_frames = self._generate(
                 video_latents, latent_frames, chunk_latent_frames, frames_per_block, max_cache_frames,
@@ -278,7 +300,7 @@ class CausalVideoPipeline(FrameAwareVideoPipeline):
 
         def write(frames: torch.Tensor, frames_layout: FrameLayout) -> None:
             """Ca2-VDM's cache write: the clean frames at timestep 0, their keys and values kept."""
-            with causal_attention_context(self.transformer, frames_layout, cache, "write", position_period):
+            with self._attention(frames_layout, cache, "write", position_period):
                 self._predict(frames, torch.full((frames.shape[2],), float(clean_level)), stacked, guidance_scale,
                               backbone_kwargs)
 
@@ -296,13 +318,12 @@ class CausalVideoPipeline(FrameAwareVideoPipeline):
             start = self.scheduler.add_noise(torch.zeros_like(noise), noise, plan.levels[0])
             if use_cache:
                 cache_frames.append(cache.num_frames)
-                with causal_attention_context(self.transformer, chunk_layout, cache, "read", position_period):
+                with self._attention(chunk_layout, cache, "read", position_period):
                     chunk = self._denoise_window(start, plan, stacked, **run)
             else:
                 history = video_latents[:, :, kept_from:]
                 window, window_plan = self._chunk_prediction_input(history, start, grid)
-                with causal_attention_context(self.transformer, FrameLayout.cat([layout, chunk_layout]),
-                                              position_period=position_period):
+                with self._attention(FrameLayout.cat([layout, chunk_layout]), position_period=position_period):
                     chunk = self._denoise_window(window, window_plan, stacked, **run)[:, :, history.shape[2]:]
             video_latents = torch.cat([video_latents, chunk], dim=2)
             layout = FrameLayout.cat([layout, chunk_layout])
