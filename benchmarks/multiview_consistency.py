@@ -1,10 +1,9 @@
 """Cross-view consistency of a multi-view model (MVDream, arXiv 2308.16512) against its 2D base model sampled per view.
 
-    python benchmarks/multiview_consistency.py [--model diffusers_ext/assets/tiny-mvdream-shapes] [--objects 32]
-        [--steps 25]
+    python benchmarks/multiview_consistency.py --model FOLDER [--objects 32] [--steps 250]
 
 The model folder is what ``python -m diffusers_ext.training.recipes.tiny_multiview_shapes`` writes: a
-``MultiViewDiffusionPipeline`` and its 2D base UNet in ``base_unet/``. Both are sampled with DDIM from the authors'
+``MultiViewDiffusionPipeline`` and its 2D base UNet in ``base_unet/``. Both are sampled with DDPM (ancestral) from the authors'
 default orbit (4 views at 15 degrees elevation), the base model with one view per object (every view on its own),
 and scored against real renders of held-out random shapes from the same cameras (the recipe's ``view_set_figures``):
 colour spread and area spread across the views of a set (lower: more consistent; real renders are the floor, real
@@ -27,9 +26,9 @@ from diffusers_ext.training.recipes.tiny_multiview_shapes import BASE_UNET_FOLDE
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="diffusers_ext/assets/tiny-mvdream-shapes")
+    parser.add_argument("--model", required=True, help="a folder written by the tiny_multiview_shapes recipe")
     parser.add_argument("--objects", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=250)
     args = parser.parse_args()
     torch.set_num_threads(1)
     pipe = MultiViewDiffusionPipeline.from_pretrained(args.model, trust_remote_code=True)
@@ -39,7 +38,7 @@ def main() -> None:
     start = time.time()
     figures, _, _ = evaluate(pipe.unet, pipe.camera_embedding, base, budget)
     print(card_table(figures))
-    print(f"{args.objects} view sets of {pipe.num_views} views per row, {args.steps} DDIM steps, "
+    print(f"{args.objects} view sets of {pipe.num_views} views per row, {args.steps} DDPM steps, "
           f"{time.time() - start:.0f} s")
 
 

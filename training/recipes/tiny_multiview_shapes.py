@@ -7,7 +7,7 @@ MVDream ("MVDream: Multi-view Diffusion for 3D Generation", Shi et al., arXiv 23
 UNet into a multi-view one (self-attention across an object's views, a camera embedding added to the timestep
 embedding) on rendered views of 3D objects, mixed with 2D images. Here, with no pretrained 2D model to start from:
 
-1. the 2D base model: ``training.multiview.toy_unet`` (a 1 M-parameter pixel-space UNet, 16 x 16 RGB) trained whole
+1. the 2D base model: ``training.multiview.toy_unet`` (a 0.25 M-parameter pixel-space UNet, 16 x 16 RGB) trained whole
    on single views of random coloured shapes (``RenderedShapeViews``; every batch a 2D batch, so the model is the 2D
    UNet exactly), DDPM linear schedule, epsilon prediction, unconditional;
 2. the multi-view model: that UNet made multi-view for 4 views (orbits at a random elevation in [0, 30] degrees and a
@@ -15,8 +15,9 @@ embedding) on rendered views of 3D objects, mixed with 2D images. Here, with no 
    ``MultiViewObjective`` (2D batches with the paper's probability 0.3), same data seed, through the shared
    ``Trainer``.
 
-Both are sampled with DDIM (``MultiViewDiffusionPipeline``; the base model with one view per object, i.e. each view
-sampled independently, as a 2D model used per view) from the authors' default orbit (4 views, elevation 15 degrees),
+Both are sampled with DDPM's ancestral sampler in 250 steps (``MultiViewDiffusionPipeline``; DDIM's deterministic
+sampler leaves these small, briefly trained models' samples noisy), the base model with one view per object (each
+view sampled on its own, a 2D model used per view), from the authors' default orbit (4 views, elevation 15 degrees),
 and scored (``view_set_figures``) against real renders of held-out shapes from the same cameras:
 
 - colour spread: per view set, the mean pairwise distance between its views' mean foreground colours (foreground:
@@ -45,7 +46,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from ...hub import save_for_hub
 from ...pipelines.three_d import CameraEmbedding, MultiViewDiffusionPipeline, remove_multiview
@@ -81,7 +82,7 @@ class Budget:
     inference_steps: int
 
 
-BUDGETS = {"full": Budget(base_steps=500, multiview_steps=450, batch_size=4, eval_objects=32, inference_steps=25),
+BUDGETS = {"full": Budget(base_steps=500, multiview_steps=500, batch_size=4, eval_objects=32, inference_steps=250),
            "smoke": Budget(base_steps=2, multiview_steps=2, batch_size=2, eval_objects=2, inference_steps=2)}
 
 
@@ -126,7 +127,7 @@ def shuffled_across_objects(views: torch.Tensor, num_views: int) -> torch.Tensor
 
 def multiview_pipeline(unet: UNet2DConditionModel, camera_embedding: CameraEmbedding,
                        num_views: int) -> MultiViewDiffusionPipeline:
-    pipe = MultiViewDiffusionPipeline(unet=unet.eval(), scheduler=DDIMScheduler(), camera_embedding=camera_embedding,
+    pipe = MultiViewDiffusionPipeline(unet=unet.eval(), scheduler=DDPMScheduler(), camera_embedding=camera_embedding,
                                       num_views=num_views)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -237,12 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     pipe = multiview_pipeline(multiview_unet, camera_embedding, NUM_VIEWS)
     description = (
         "MVDream (arXiv 2308.16512) in miniature: 4 views of 16 x 16 px of random coloured shapes, in pixel space, "
-        "unconditional. A 1 M-parameter UNet2DConditionModel trained as a 2D model on single renders "
+        f"unconditional. A {sum(p.numel() for p in base.parameters()) / 1e6:.2f} M-parameter UNet2DConditionModel "
+        "trained as a 2D model on single renders "
         f"({budget.base_steps} steps), then made multi-view (self-attention across the views, camera embedding) "
         f"and fine-tuned with a rank-{LORA_RANK} LoRA (fused here) and the camera MLP for {budget.multiview_steps} "
         f"steps, 2D batches with probability {PAPER_SINGLE_VIEW_PROBABILITY}. `python -m "
         "diffusers_ext.training.recipes.tiny_multiview_shapes`.\n\n"
-        "Held-out figures (DDIM, default orbit at 15 degrees elevation; lower spread = more consistent views; "
+        "Held-out figures (DDPM ancestral sampling, 250 steps, default orbit at 15 degrees elevation; lower spread = more consistent views; "
         f"{budget.eval_objects} view sets each):\n\n{card_table(figures)}\n\n"
         "`base_unet/` holds the 2D base model (UNet2DConditionModel.from_pretrained(folder, subfolder='base_unet'))."
     )
