@@ -142,7 +142,8 @@ def held_out_chunk_loss(model, clips) -> float:
 @pytest.mark.effect
 def test_a_short_run_lowers_the_held_out_chunk_loss(tmp_path, training_seed):
     """60 steps at learning rate 2e-3, then the loss on 16 clips drawn with another seed. The best prediction that
-    ignores the input, ``-E[x0]`` per pixel, has loss ``1 + Var(x0)``. Measured over seeds 0-9: RATIOS."""
+    ignores the input, ``-E[x0]`` per pixel, has loss ``1 + Var(x0)``. Measured over seeds 0-9: the loss falls to
+    0.32-0.41 of its initial value and to 0.64-0.76 of that constant's."""
     for seed in range(training_seed, training_seed + 3):
         held_out = torch.stack(list(BouncingShapes(16, num_frames=4, size=8, seed=1000 + seed)))
         trainer = shapes_run(seed, tmp_path / f"run-{seed}", max_steps=60)
