@@ -8,6 +8,7 @@ import torch
 from diffusers_ext.pipelines.three_d.rendering import (
     VoxelGrid,
     camera_azimuth_elevation,
+    fit_voxel_grid,
     orbit_cameras,
     random_cameras,
     random_orbit_cameras,
@@ -115,6 +116,19 @@ def test_background_and_stratified_sampling():
     assert torch.equal(jittered[0], jittered[1]) and not torch.equal(jittered[0], jittered[2])
     # stratified samples average to the midpoint rule's image
     assert (jittered[0] - render(grid, cameras, 12, 12)).abs().mean() < 0.05
+
+
+def test_fitting_a_grid_to_posed_views_recovers_the_shape():
+    target = random_shape(torch.Generator().manual_seed(5), resolution=10)
+    cameras = random_cameras(16, torch.Generator().manual_seed(6))
+    images = render(target, cameras, 12, 12).detach()
+    grid = fit_voxel_grid(images, cameras, resolution=10, num_iterations=60, generator=torch.Generator().manual_seed(0))
+    held_out = orbit_cameras(4, elevation=25.0, start_azimuth=20.0)
+    error = (render(grid, held_out, 12, 12) - render(target, held_out, 12, 12)).pow(2).mean().item()
+    blank = (render(VoxelGrid(resolution=10), held_out, 12, 12) - render(target, held_out, 12, 12)).pow(2).mean()
+    assert error < 0.1 * blank.item() and voxel_iou(grid.occupancy(), target.occupancy()) > 0.6
+    with pytest.raises(ValueError, match="one image per camera"):
+        fit_voxel_grid(images[:3], cameras)
 
 
 def test_voxel_grid_round_trip(tmp_path):

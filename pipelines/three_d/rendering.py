@@ -326,6 +326,31 @@ class VoxelGrid(ModelMixin, ConfigMixin):
         return density, torch.sigmoid(values[..., 1:])
 
 
+def fit_voxel_grid(images: torch.Tensor, cameras: torch.Tensor, resolution: int = 32, num_iterations: int = 200,
+                   views_per_iteration: int = 4, learning_rate: float = 0.1, fov_y: float = DEFAULT_FOV_Y,
+                   background: float | Sequence[float] | torch.Tensor = 1.0,
+                   generator: torch.Generator | None = None) -> VoxelGrid:
+    """A ``VoxelGrid`` fitted to posed ``images`` ``(N, 3, H, W)`` in [0, 1] seen by ``cameras`` ``(N, 4, 4)``: Adam
+    on the mean squared error of its renders, ``views_per_iteration`` views drawn per step with ``generator``. Its
+    renders from held-out cameras measure how consistent the views are with one 3D object."""
+    cameras = check_cameras(cameras)
+    if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] != cameras.shape[0]:
+        raise ValueError(f"images must be (N, 3, H, W) with one image per camera ({cameras.shape[0]}), got "
+                         f"{tuple(images.shape)}")
+    grid = VoxelGrid(resolution=resolution)
+    optimizer = torch.optim.Adam(grid.parameters(), lr=learning_rate)
+    height, width = images.shape[-2:]
+    backgrounds = background_colour(background, images.shape[0])
+    for _ in range(num_iterations):
+        views = torch.randperm(images.shape[0], generator=generator)[:views_per_iteration]
+        renders = render(grid, cameras[views], height, width, fov_y, backgrounds[views])
+        loss = ((renders - images[views].to(renders)) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return grid
+
+
 def voxel_iou(occupancy: torch.Tensor, reference: torch.Tensor) -> float:
     """Intersection over union of two boolean occupancy grids of the same shape (1.0 when both are empty)."""
     if occupancy.shape != reference.shape:
