@@ -1,7 +1,7 @@
 """MVDream's multi-view training (arXiv 2308.16512): the loss is lower for the exact joint denoiser of the view-set
 law than for the exact per-view one on every seed; a 2D batch is the 2D UNet's loss exactly; the Trainer changes only
-the UNet's LoRA and the camera MLP; ``diffusers-ext train multiview`` writes a LoRA and a camera embedding that
-reload into MultiViewDiffusionPipeline with the trained predictions; the rendered views are consistent with their
+the UNet's LoRA and the camera MLP (or the whole UNet and the camera MLP without LoRA); ``diffusers-ext train
+multiview`` writes a LoRA and a camera embedding that reload into MultiViewDiffusionPipeline; the rendered views are consistent with their
 cameras; bad inputs raise one clear error."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from diffusers_ext.pipelines.three_d.rendering import orbit_cameras
 from diffusers_ext.testing.multiview_oracle import MultiViewMixtureDenoiser
 from diffusers_ext.training import MultiViewObjective, RenderedShapeViews, Trainer, TrainingConfig
 from diffusers_ext.training.cli import main as train_main
-from diffusers_ext.training.multiview import TOY_TEXT_WIDTH, multiview_denoiser, toy_unet
+from diffusers_ext.training.multiview import TOY_TEXT_WIDTH, multiview_unet, toy_unet
 
 NUM_VIEWS, SIZE = 4, 8
 
@@ -51,12 +51,12 @@ def test_the_loss_prefers_the_exact_joint_denoiser_to_the_per_view_one():
 
 def test_a_2d_batch_is_the_2d_unets_loss():
     batch = shape_batch()
-    model = multiview_denoiser(toy_unet(0, size=SIZE), NUM_VIEWS, lora_rank=4)
-    torch.nn.init.normal_(model.camera_embedding.linear_2.weight)  # a camera would now show
-    two_d = objective(single_view_probability=1.0).loss(model, batch, torch.Generator().manual_seed(0))
-    # The same draws through the UNet with its multi-view parts removed (and the adapter, Gaussian-initialised, off).
-    remove_multiview(model.unet)
-    model.unet.disable_adapters()
+    unet, camera_embedding = multiview_unet(toy_unet(0, size=SIZE), NUM_VIEWS)
+    torch.nn.init.normal_(camera_embedding.linear_2.weight)  # a camera would now show
+    two_d = objective(camera_embedding=camera_embedding, single_view_probability=1.0).loss(
+        unet, batch, torch.Generator().manual_seed(0))
+    # The same draws through the UNet with its multi-view parts removed.
+    remove_multiview(unet)
     plain = objective(single_view_probability=1.0)
     generator = torch.Generator().manual_seed(0)
     torch.rand((), generator=generator)  # the objective's 2D-or-not draw
@@ -65,19 +65,28 @@ def test_a_2d_batch_is_the_2d_unets_loss():
     timesteps = torch.randint(0, 1000, (objects,), generator=generator).repeat_interleave(NUM_VIEWS)
     noise = torch.randn(images.shape, generator=generator)
     alpha, sigma = (v.float()[:, None, None, None] for v in plain.alpha_sigma(timesteps))
-    prediction = model.unet(alpha * images + sigma * noise, timesteps, torch.zeros(8, 1, TOY_TEXT_WIDTH)).sample
+    prediction = unet(alpha * images + sigma * noise, timesteps, torch.zeros(8, 1, TOY_TEXT_WIDTH)).sample
     torch.testing.assert_close(two_d, torch.nn.functional.mse_loss(prediction, noise), rtol=1e-5, atol=1e-6)
 
 
-def test_trainer_changes_only_the_adapter_and_the_camera_mlp(tmp_path):
-    model = multiview_denoiser(toy_unet(0, size=SIZE), NUM_VIEWS, lora_rank=4)
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+@pytest.mark.parametrize("lora_rank", [4, None])
+def test_trainer_changes_the_adapter_or_unet_and_the_camera_mlp(tmp_path, lora_rank):
+    unet, camera_embedding = multiview_unet(toy_unet(0, size=SIZE), NUM_VIEWS)
+    before = {name: p.detach().clone() for name, p in unet.named_parameters()}
+    camera_before = camera_embedding.linear_2.weight.detach().clone()
     config = TrainingConfig(output_dir=str(tmp_path), max_steps=2, batch_size=2, checkpoint_every=0,
-                            learning_rate=1e-2)
-    result = Trainer(objective(), model.train(), RenderedShapeViews(4, NUM_VIEWS, size=SIZE), config).train()
-    changed = {name for name, p in result.model.named_parameters() if not torch.equal(p, before[name])}
-    assert changed and all("lora" in name or name.startswith("camera_embedding.") for name in changed)
-    assert any(name.startswith("camera_embedding.linear_2") for name in changed)
+                            learning_rate=1e-2, lora_rank=lora_rank)
+    result = Trainer(objective(camera_embedding=camera_embedding), unet.train(),
+                     RenderedShapeViews(4, NUM_VIEWS, size=SIZE), config).train()
+    parameters = dict(result.model.named_parameters())
+    changed = {name for name, p in parameters.items()  # the UNet's own weights (under PEFT's base_layer)
+               if "lora_" not in name and not torch.equal(p, before[name.replace("base_layer.", "")])}
+    if lora_rank is not None:
+        assert not changed
+        assert max(p.abs().max() for name, p in parameters.items() if "lora_B" in name) > 0  # B starts at zero
+    else:
+        assert "conv_in.weight" in changed  # every weight trained
+    assert not torch.equal(camera_embedding.linear_2.weight, camera_before)
 
 
 def test_train_multiview_writes_weights_that_reload_into_the_pipeline(tmp_path):
@@ -94,8 +103,6 @@ def test_train_multiview_writes_weights_that_reload_into_the_pipeline(tmp_path):
     pipe.load_lora_weights(final)
     with_lora = pipe.unet(sample, 500, text, cameras=orbit_cameras(NUM_VIEWS)).sample
     assert (with_lora - without_lora).abs().max() > 1e-4
-    with pytest.raises(SystemExit):
-        train_main(["multiview", "--output-dir", str(tmp_path / "other"), "--lora-rank", "4"])
 
 
 def test_rendered_views_follow_their_cameras():
@@ -110,15 +117,15 @@ def test_rendered_views_follow_their_cameras():
 
 
 def test_bad_inputs_raise_one_clear_error():
-    model = multiview_denoiser(toy_unet(0, size=SIZE), NUM_VIEWS, lora_rank=4)
+    unet, _ = multiview_unet(toy_unet(0, size=SIZE), NUM_VIEWS)
     with pytest.raises(ValueError, match="single_view_probability must be a number in"):
         objective(single_view_probability=1.5)
     with pytest.raises(ValueError, match="VP scheduler"):
         MultiViewObjective(FlowMatchEulerDiscreteScheduler())
     with pytest.raises(ValueError, match="'views' \\(B, N, C, H, W\\) and 'cameras'"):
-        objective().loss(model, torch.zeros(2, 4, 3, 8, 8), torch.Generator())
+        objective().loss(unet, torch.zeros(2, 4, 3, 8, 8), torch.Generator())
     three_views = {"views": torch.zeros(2, 3, 3, SIZE, SIZE), "cameras": torch.eye(4).expand(2, 3, 4, 4)}
     with pytest.raises(ValueError, match="3 views per object; the model is built for 4"):
-        objective().loss(model, three_views, torch.Generator())
+        objective().loss(unet, three_views, torch.Generator())
     with pytest.raises(ValueError, match="num_objects must be an integer >= 1"):
         RenderedShapeViews(0)

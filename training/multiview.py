@@ -1,12 +1,13 @@
 r"""MVDream's multi-view fine-tuning as a loss on the shared ``Trainer`` ("MVDream: Multi-view Diffusion for 3D
 Generation", arXiv 2308.16512).
 
-The model (``MultiViewDenoiser``) is a ``UNet2DConditionModel`` made multi-view in place
-(``pipelines.three_d.multiview_attention.make_multiview``: self-attention across each object's ``N`` views, the
-camera embedding added to the timestep embedding), with a LoRA adapter on its attention projections (the only UNet
-weights trained) and the camera embedding MLP (trained whole). The loss is the diffusion loss on the views of one
-object, noised at one timestep ``t`` per object (the views are denoised together, so they share their noise level
-at sampling)::
+The model is a ``UNet2DConditionModel`` made multi-view in place (``multiview_unet``, i.e.
+``pipelines.three_d.multiview_attention.make_multiview``: self-attention across each object's ``N`` views, the camera
+embedding added to the timestep embedding). The ``Trainer`` trains it as any denoiser, with a LoRA adapter on its
+attention projections when ``TrainingConfig.lora_rank`` is set (the toy run's default) or whole without; the camera
+MLP, which the loss uses besides the model, is trained whole by the same optimizer (``trainable_modules``). The loss
+is the diffusion loss on the views of one object, noised at one timestep ``t`` per object (the views are denoised
+together, so they share their noise level at sampling)::
 
     t ~ U{0, ..., T-1} per object,   eps ~ N(0, I) per view,   x_t = alpha_t x_0 + sigma_t eps
     L = || unet(x_t, t, c, cameras) - target ||^2        (target: eps, x_0 or v, the scheduler's prediction type)
@@ -35,6 +36,7 @@ from torch.utils.data import Dataset
 from ..diffusion_math import alpha_sigma_function, default_prediction_type, prediction_from_x0_and_eps
 from ..pipelines.three_d.multiview_attention import (
     CameraEmbedding,
+    camera_embedding_of,
     make_multiview,
     multiview_num_views,
     single_view_attention,
@@ -48,45 +50,23 @@ PAPER_SINGLE_VIEW_PROBABILITY = 0.3
 CAMERA_EMBEDDING_FOLDER = "camera_embedding"
 
 
-class MultiViewDenoiser(torch.nn.Module):
-    """The trained pair: ``unet`` (multi-view, with its LoRA adapter) and its ``camera_embedding``, one module so
-    that the ``Trainer`` optimises both; ``forward`` is the UNet's call with ``cameras=``."""
-
-    def __init__(self, unet: torch.nn.Module, camera_embedding: CameraEmbedding):
-        super().__init__()
-        self.unet, self.camera_embedding = unet, camera_embedding
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                cameras: torch.Tensor | None = None, return_dict: bool = False) -> Any:
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, cameras=cameras,
-                         return_dict=return_dict)
-
-
-def multiview_denoiser(unet: torch.nn.Module, num_views: int, lora_rank: int | None, lora_alpha: int | None = None,
-                       target_modules: list[str] | None = None) -> MultiViewDenoiser:
-    """``unet`` (a 2D ``UNet2DConditionModel``) made multi-view for ``num_views`` views with a new
-    ``CameraEmbedding``; with ``lora_rank`` its own weights frozen and a LoRA adapter of that rank added with
-    diffusers' ``add_adapter`` (Gaussian init, as the Trainer's LoRA; saved with ``save_lora_weights``), without it
-    every weight trained."""
-    from peft import LoraConfig
-
-    from .config import DIFFUSERS_LORA_TARGETS
-
+def multiview_unet(unet: torch.nn.Module, num_views: int) -> tuple[torch.nn.Module, CameraEmbedding]:
+    """``unet`` (a 2D ``UNet2DConditionModel``) made multi-view in place for ``num_views`` views, with a new
+    ``CameraEmbedding`` (returned; pass it to ``MultiViewObjective`` to train it)."""
     camera_embedding = CameraEmbedding(unet.time_embedding.linear_2.out_features)
-    if lora_rank is not None:
-        unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, init_lora_weights="gaussian",
-                                    target_modules=target_modules or DIFFUSERS_LORA_TARGETS))
     make_multiview(unet, num_views, camera_embedding)
-    return MultiViewDenoiser(unet, camera_embedding)
+    return unet, camera_embedding
 
 
 class MultiViewObjective:
     """MVDream's loss (module docstring) on batches ``{"views": (B, N, C, H, W), "cameras": (B, N, 4, 4)}`` and
     optionally ``"prompt_embeds"`` ``(B, L, D)``; ``views`` in the model's range (``[-1, 1]`` pixels or latents).
+    The model is a multi-view UNet (``multiview_unet``) or a denoiser taking ``cameras=`` (the exact oracle).
 
     Args:
         scheduler: the training scheduler (its VP ``config`` is read: betas, ``prediction_type``).
+        camera_embedding: the UNet's camera embedding, trained with it (``trainable_modules``); ``None`` for a
+            denoiser without one.
         single_view_probability: the share of batches trained as 2D images (the paper's 0.3).
         prompt_embeds: the text embedding ``(1, L, D)`` for batches without one (a zero embedding for an
             unconditional model).
@@ -94,7 +74,8 @@ class MultiViewObjective:
 
     name = "multiview"
 
-    def __init__(self, scheduler: Any, single_view_probability: float = PAPER_SINGLE_VIEW_PROBABILITY,
+    def __init__(self, scheduler: Any, camera_embedding: CameraEmbedding | None = None,
+                 single_view_probability: float = PAPER_SINGLE_VIEW_PROBABILITY,
                  prompt_embeds: torch.Tensor | None = None):
         if isinstance(single_view_probability, bool) or not 0 <= single_view_probability <= 1:
             raise ValueError(f"single_view_probability must be a number in [0, 1], got {single_view_probability!r}")
@@ -106,8 +87,13 @@ class MultiViewObjective:
         self.prediction_type = default_prediction_type(config)
         self.num_train_timesteps = int(config.get("num_train_timesteps", 1000))
         self.single_view_probability = float(single_view_probability)
+        self.camera_embedding = camera_embedding
         self.prompt_embeds = prompt_embeds
         self.last_terms: dict[str, float] = {}
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        """The camera MLP, trained whole by the Trainer's optimizer next to the UNet (or its adapter)."""
+        return {"camera_embedding": self.camera_embedding} if self.camera_embedding is not None else {}
 
     def _inputs(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not isinstance(batch, Mapping) or "views" not in batch or "cameras" not in batch:
@@ -124,7 +110,7 @@ class MultiViewObjective:
     def loss(self, model: torch.nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
         views, cameras, prompt_embeds = self._inputs(batch)
         objects, num_views = views.shape[:2]
-        denoiser = getattr(model, "unet", model)  # the trained UNet, or an exact oracle
+        denoiser = getattr(model, "module", model)  # inside a distributed wrapper
         built_for = multiview_num_views(denoiser)
         if num_views != built_for:
             raise ValueError(f"the batch has {num_views} views per object; the model is built for {built_for}")
@@ -199,7 +185,6 @@ class RenderedShapeViews(Dataset):
 # The toy run: 4 views of 16 x 16 RGB pixels (no VAE), unconditional (one zero text token).
 TOY_VIEWS = dict(num_views=4, size=16)
 TOY_TEXT_WIDTH = 16
-TOY_LORA_RANK = 8
 
 
 def toy_unet(seed: int = 0, size: int = TOY_VIEWS["size"]) -> Any:
@@ -210,32 +195,40 @@ def toy_unet(seed: int = 0, size: int = TOY_VIEWS["size"]) -> Any:
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=size, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+        sample_size=size, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=TOY_TEXT_WIDTH, attention_head_dim=8, norm_num_groups=8)
 
 
-def toy_run(config: Any, args: Any = None) -> tuple[MultiViewObjective, MultiViewDenoiser, Dataset]:
+def toy_run(config: Any, args: Any = None) -> tuple[MultiViewObjective, torch.nn.Module, Dataset]:
     """``diffusers-ext train multiview``: MVDream's loss (2D batches with the paper's probability 0.3, DDPM's linear
-    schedule, epsilon prediction) on ``toy_unet(config.seed)`` made multi-view for 4 views, with a rank-8 LoRA
-    adapter and the camera embedding trained, over 1024 ``RenderedShapeViews`` objects of 16 x 16 pixels,
-    unconditional (a zero text token)."""
+    schedule, epsilon prediction) on ``toy_unet(config.seed)`` made multi-view for 4 views (LoRA from
+    ``config.lora_rank``, rank 8 by default, or the whole UNet; the camera MLP trained whole), over 1024
+    ``RenderedShapeViews`` objects of 16 x 16 pixels, unconditional (a zero text token)."""
     from diffusers import DDPMScheduler
 
     dataset = RenderedShapeViews(1024, **TOY_VIEWS, seed=config.seed)
-    method = MultiViewObjective(DDPMScheduler(), prompt_embeds=torch.zeros(1, 1, TOY_TEXT_WIDTH))
-    model = multiview_denoiser(toy_unet(config.seed), TOY_VIEWS["num_views"], TOY_LORA_RANK)
-    return method, model.train(), dataset
+    unet, camera_embedding = multiview_unet(toy_unet(config.seed), TOY_VIEWS["num_views"])
+    method = MultiViewObjective(DDPMScheduler(), camera_embedding,
+                                prompt_embeds=torch.zeros(1, 1, TOY_TEXT_WIDTH))
+    return method, unet.train(), dataset
 
 
-def save_multiview_weights(model: MultiViewDenoiser, folder: str | Path, *, method_name: str, config: Any,
+def save_multiview_weights(model: torch.nn.Module, folder: str | Path, *, method_name: str, config: Any,
                            dataset: Any = None) -> Path:
     """The trained weights the diffusers way: the UNet's adapter as ``pytorch_lora_weights.safetensors``
-    (``save_lora_weights``: ``pipe.load_lora_weights(folder)``) and the camera embedding in
-    ``camera_embedding/`` (``CameraEmbedding.from_pretrained(folder, subfolder="camera_embedding")``)."""
+    (``save_lora_weights``: ``pipe.load_lora_weights(folder)``), or without one the whole UNet in ``unet/``, and the
+    camera embedding in ``camera_embedding/`` (``CameraEmbedding.from_pretrained(folder,
+    subfolder="camera_embedding")``)."""
     from .lora import save_lora_weights
 
     folder = Path(folder)
-    save_lora_weights(model.unet, folder, method_name=method_name, config=config, card=False)
-    model.camera_embedding.save_pretrained(folder / CAMERA_EMBEDDING_FOLDER)
+    camera_embedding = camera_embedding_of(model)
+    if camera_embedding is None:
+        raise ValueError("the model has no camera embedding attached: train a multiview_unet")
+    if getattr(model, "peft_config", None):
+        save_lora_weights(model, folder, method_name=method_name, config=config, card=False)
+    else:
+        model.save_pretrained(folder / "unet")
+    camera_embedding.save_pretrained(folder / CAMERA_EMBEDDING_FOLDER)
     return folder

@@ -60,7 +60,7 @@ from ..multiview import (
     MultiViewObjective,
     RenderedShapeViews,
     _item_seed,
-    multiview_denoiser,
+    multiview_unet,
     toy_unet,
 )
 from ..trainer import Trainer, TrainingConfig
@@ -144,17 +144,17 @@ def sample_views(pipe: MultiViewDiffusionPipeline, num_images: int, inference_st
 
 
 def train_base(budget: Budget, output: Path) -> tuple[UNet2DConditionModel, list[float]]:
-    """Stage 1: the 2D base model (every batch 2D: single-view attention, no camera)."""
-    model = multiview_denoiser(toy_unet(TRAIN_SEED), NUM_VIEWS, lora_rank=None)
-    method = MultiViewObjective(DDPMScheduler(), single_view_probability=1.0,
+    """Stage 1: the 2D base model, every weight trained (every batch 2D: single-view attention, no camera)."""
+    unet, camera_embedding = multiview_unet(toy_unet(TRAIN_SEED), NUM_VIEWS)
+    method = MultiViewObjective(DDPMScheduler(), camera_embedding, single_view_probability=1.0,
                                 prompt_embeds=torch.zeros(1, 1, TOY_TEXT_WIDTH))
     config = TrainingConfig(output_dir=str(output / "base"), max_steps=budget.base_steps,
                             batch_size=budget.batch_size, learning_rate=1e-3, checkpoint_every=0, seed=TRAIN_SEED)
     dataset = RenderedShapeViews(100_000, **TOY_VIEWS, seed=TRAIN_SEED)
-    result = Trainer(method, model.train(), dataset, config).train()
-    unet = remove_multiview(result.model.unet).eval()
-    unet.requires_grad_(False)
-    return unet, result.losses
+    result = Trainer(method, unet.train(), dataset, config).train()
+    base = remove_multiview(result.model).eval()
+    base.requires_grad_(False)
+    return base, result.losses
 
 
 def train_multiview(base: UNet2DConditionModel, budget: Budget,
@@ -162,18 +162,19 @@ def train_multiview(base: UNet2DConditionModel, budget: Budget,
     """Stage 2: the base UNet made multi-view, a rank-8 LoRA and the camera MLP trained (2D batches 30%)."""
     unet = UNet2DConditionModel.from_config(base.config)
     unet.load_state_dict(base.state_dict())
-    model = multiview_denoiser(unet, NUM_VIEWS, lora_rank=LORA_RANK)
-    method = MultiViewObjective(DDPMScheduler(), single_view_probability=PAPER_SINGLE_VIEW_PROBABILITY,
+    unet, camera_embedding = multiview_unet(unet, NUM_VIEWS)
+    method = MultiViewObjective(DDPMScheduler(), camera_embedding,
+                                single_view_probability=PAPER_SINGLE_VIEW_PROBABILITY,
                                 prompt_embeds=torch.zeros(1, 1, TOY_TEXT_WIDTH))
     config = TrainingConfig(output_dir=str(output / "multiview"), max_steps=budget.multiview_steps,
-                            batch_size=budget.batch_size, learning_rate=1e-3, checkpoint_every=0, seed=TRAIN_SEED)
+                            batch_size=budget.batch_size, learning_rate=1e-3, checkpoint_every=0, seed=TRAIN_SEED,
+                            lora_rank=LORA_RANK)
     dataset = RenderedShapeViews(100_000, **TOY_VIEWS, seed=TRAIN_SEED)
-    result = Trainer(method, model.train(), dataset, config).train()
-    trained = result.model
-    remove_multiview(trained.unet)
-    trained.unet.fuse_lora()
-    trained.unet.unload_lora()
-    return trained.unet.eval(), trained.camera_embedding.eval(), result.losses
+    trained = Trainer(method, unet.train(), dataset, config).train()
+    remove_multiview(trained.model)
+    trained.model.fuse_lora()
+    trained.model.unload_lora()
+    return trained.model.eval(), camera_embedding.eval(), trained.losses
 
 
 def evaluate(multiview_unet: UNet2DConditionModel, camera_embedding: CameraEmbedding, base: UNet2DConditionModel,
