@@ -20,7 +20,7 @@ from tiny_video import FLOAT32_TOLERANCE
 from diffusers_ext.cli import main
 from diffusers_ext.hub import save_for_hub
 from diffusers_ext.pipelines.video import CausalVideoPipeline, FrameAwareVideoPipeline
-from diffusers_ext.pipelines.video.causal_demo import make_causal_video
+from diffusers_ext.pipelines.video.causal_demo import make_causal_video, run_causal_video_demo
 from diffusers_ext.pipelines.video.demo import write_video
 from diffusers_ext.schedulers import FrameAwareFlowMatchScheduler
 from diffusers_ext.training import BouncingShapes
@@ -139,3 +139,12 @@ def test_chunk_frames_needs_a_causal_model(tmp_path, clip_file, capsys):
     assert main(["video", "extend", "--model", str(folder), "--trust-remote-code", "--video", str(clip_file),
                  "--chunk-frames", "2", "--output", str(tmp_path / "out.gif")]) == 2
     assert "--chunk-frames is for a CausalVideoPipeline" in capsys.readouterr().err
+
+
+def test_the_causal_demo_writes_its_gifs_and_figures(tmp_path):
+    pipe = CausalVideoPipeline(toy_backbone(seed=0).eval(), FrameAwareFlowMatchScheduler())
+    scores = run_causal_video_demo(tmp_path, pipe=pipe, num_clips=1, num_frames=6, long_frames=8, max_cache_frames=2,
+                                   num_inference_steps=1, shown=1)
+    assert set(scores) == {"model", "last given frame held still"} and all(v > 0 for v in scores.values())
+    assert len(gif_frames(tmp_path / "causal_extension.gif")) == 6 and len(gif_frames(tmp_path / "causal_long_video.gif")) == 8
+    assert "the given causal model" in (tmp_path / "causal_video.txt").read_text()

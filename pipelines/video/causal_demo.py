@@ -74,11 +74,12 @@ DEMO_CHUNK_FRAMES, DEMO_CONTEXT_FRAMES = 2, (2, 4, 6)
 FINETUNE_STEPS = 300
 
 
-def causal_finetune_of_the_shipped_model(steps: int = FINETUNE_STEPS, output_dir: str | None = None
-                                         ) -> CausalVideoPipeline:
+def causal_finetune_of_the_shipped_model(steps: int = FINETUNE_STEPS, learning_rate: float = 2e-3,
+                                         output_dir: str | None = None) -> CausalVideoPipeline:
     """The shipped tiny FVDM transformer (bidirectional, 8-frame clips) fine-tuned into a frame-causal one by teacher
     forcing: ``CausalVideoObjective`` with chunks of 2 frames after 2, 4 or 6 clean context frames, ``steps`` steps
-    of 16 clips at learning rate 5e-4 on the recipe's training clips, then in a ``CausalVideoPipeline``."""
+    of 16 clips at ``learning_rate`` (the recipe's) on the recipe's training clips, then in a
+    ``CausalVideoPipeline``."""
     transformer = load_shipped_pipeline(SHIPPED_VIDEO_MODEL).transformer
     enable_causal_attention(transformer)
     objective = CausalVideoObjective(FrameAwareFlowMatchScheduler(), DEMO_CHUNK_FRAMES, DEMO_CONTEXT_FRAMES,
@@ -86,8 +87,8 @@ def causal_finetune_of_the_shipped_model(steps: int = FINETUNE_STEPS, output_dir
     clips = BouncingShapes(steps * 16, num_frames=recipe.NUM_FRAMES, size=recipe.FRAME_SIZE,
                            channels=recipe.CHANNELS, seed=recipe.TRAIN_SEED)
     with tempfile.TemporaryDirectory() as scratch:
-        config = TrainingConfig(output_dir=output_dir or scratch, max_steps=steps, batch_size=16, learning_rate=5e-4,
-                                checkpoint_every=0, seed=recipe.TRAIN_SEED)
+        config = TrainingConfig(output_dir=output_dir or scratch, max_steps=steps, batch_size=16,
+                                learning_rate=learning_rate, checkpoint_every=0, seed=recipe.TRAIN_SEED)
         model = Trainer(objective, transformer.train(), clips, config).train().model.eval()
     disable_causal_attention(model)  # the pipeline makes it causal for each call
     return CausalVideoPipeline(model, FrameAwareFlowMatchScheduler())
