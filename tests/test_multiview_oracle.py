@@ -1,7 +1,7 @@
 """The exact multi-view oracle (MVDream, arXiv 2308.16512): its joint denoiser is the Gaussian-mixture denoiser of
 whole view sets and its per-view one that of each view's marginal; MultiViewDiffusionPipeline with the joint oracle
-returns every view set from one shape, while the same pipeline sampling each view on its own mixes shapes across
-views at the rate the law predicts."""
+returns every view set from one shape (with diffusers' DDIM and our ER-SDE solver), while the same pipeline sampling
+each view on its own mixes shapes across views at the rate the law predicts."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from diffusers import DDIMScheduler
 from diffusers_ext.pipelines.three_d import MultiViewDiffusionPipeline
 from diffusers_ext.pipelines.three_d.rendering import orbit_cameras, render
 from diffusers_ext.pipelines.three_d.shapes import random_shape
+from diffusers_ext.schedulers import ERSDESolverScheduler
 from diffusers_ext.testing import GaussianMixtureDenoiser
 from diffusers_ext.testing.multiview_oracle import MultiViewMixtureDenoiser, nearest_shapes, one_shape_fraction
 
@@ -65,6 +66,20 @@ def test_the_pipeline_keeps_each_objects_views_together_and_per_view_sampling_mi
     # Independent views agree with probability sum_k w_k^4 = 1/8: 32 sets give 4 on average, above 12 with
     # probability below 1e-4.
     assert fractions[False] <= 12 / objects
+
+
+def test_one_of_our_schedulers_samples_whole_view_sets_too():
+    renders = shape_renders()
+    scheduler = ERSDESolverScheduler()
+    oracle = MultiViewMixtureDenoiser(renders.tolist(), VARIANCE, scheduler_config=scheduler.config)
+    pipe = MultiViewDiffusionPipeline(unet=oracle, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    views = pipe(num_objects_per_prompt=8, num_inference_steps=20, guidance_scale=1.0, output_type="pt",
+                 generator=torch.Generator().manual_seed(1)).images * 2 - 1
+    shapes = nearest_shapes(views, renders)
+    assert one_shape_fraction(shapes) == 1.0
+    nearest = renders[shapes.reshape(-1), torch.arange(NUM_VIEWS).repeat(8)]
+    assert (views - nearest).pow(2).mean().sqrt() < 0.15
 
 
 def test_bad_inputs_raise_one_clear_error():
