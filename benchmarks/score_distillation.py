@@ -35,7 +35,7 @@ iteration varied 3-6x between runs: SDS 0.08-0.46, SDI 0.08-0.22):
 
 So on this oracle SDI's gradient is less noisy, as the paper argues, but its result is not sharper. The probe
 (``mode_probe_rows``: renders at the modes' average plus 0.3 of the way to the sphere's, std 0.1, 8 draws; measured at
-12^3 / 16 px, the figures below) found SDI's mean step pointing away from the nearer mode at t = 100, 300, 600 and 900
+12^3 / 16 px) found SDI's mean step pointing away from the nearer mode at t = 100, 300, 600 and 900
 (projection -0.25, -0.20, -0.31, -0.29 of the mode distance) where SDS's points towards it (+0.20, +0.34, +0.20,
 +0.003): the inverted noise of a render off the law's support carries it past the other mode, so the target flips
 between the modes and the grid settles at their average. The paper's claim (SDI sharper than SDS's average) does not
