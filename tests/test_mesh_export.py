@@ -8,7 +8,13 @@ import pytest
 import torch
 import trimesh
 
-from diffusers_ext.pipelines.three_d.mesh_export import export_mesh, export_turntable, extract_mesh, surface_threshold
+from diffusers_ext.pipelines.three_d.mesh_export import (
+    current_umask,
+    export_mesh,
+    export_turntable,
+    extract_mesh,
+    surface_threshold,
+)
 from diffusers_ext.pipelines.three_d.rendering import VoxelGrid, orbit_cameras, render
 from diffusers_ext.pipelines.three_d.shapes import DEFAULT_SHAPE_DENSITY, Box, Sphere, voxelize
 
@@ -47,6 +53,7 @@ def test_mesh_files_keep_geometry_and_vertex_colours(tmp_path, suffix):
     np.testing.assert_allclose(loaded_colours[left].mean(0), RED, atol=0.02)
     np.testing.assert_allclose(loaded_colours[right].mean(0), BLUE, atol=0.02)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"shape.{suffix}"]
+    assert path.stat().st_mode & 0o777 == 0o666 & ~current_umask()  # a new file's mode, not mkstemp's private one
 
 
 def test_empty_volume_is_a_clear_error_and_writes_nothing(tmp_path):

@@ -14,7 +14,7 @@ from tiny_pipelines import sd_pipeline, sd_scheduler, tiny_sd3, tiny_sdxl
 
 from diffusers_ext.cli import DISTILL_MESH_FORMATS, main
 from diffusers_ext.diffusion_math import vp_alpha_sigma
-from diffusers_ext.pipelines.three_d.mesh_export import MESH_FORMATS
+from diffusers_ext.pipelines.three_d.mesh_export import MESH_FORMATS, current_umask
 from diffusers_ext.pipelines.three_d.rendering import VoxelGrid, orbit_cameras, random_cameras, voxel_iou
 from diffusers_ext.pipelines.three_d.score_distillation import (
     ScoreDistillation,
@@ -107,6 +107,7 @@ def test_same_seed_same_result_and_outputs_written(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000001", "checkpoint-000002", "mesh.ply",
                                                           "turntable.gif"]
     loaded = VoxelGrid.from_pretrained(tmp_path / "checkpoint-000002")
+    assert (tmp_path / "checkpoint-000002").stat().st_mode & 0o777 == 0o777 & ~current_umask()
     assert torch.equal(loaded.raw_density, output.representation.raw_density)
 
 

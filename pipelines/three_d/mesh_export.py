@@ -51,6 +51,12 @@ def extract_mesh(representation: VoxelGrid, threshold: float | None = None) -> t
     return vertices.astype(np.float32), faces.astype(np.int64), colours.clamp(0, 1).numpy()
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Calls ``write(temporary_path)`` for a file beside ``path`` with the same suffix, then renames it to ``path``;
     on any error the temporary file is removed and ``path`` is untouched."""
@@ -60,6 +66,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> 
     os.close(handle)
     try:
         write(Path(temporary))
+        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp makes the file private; give it a new file's mode
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

@@ -454,10 +454,13 @@ def density_blob(resolution: int = 32, bound: float = 1.0, peak_density: float =
 def save_checkpoint(representation: VoxelGrid, path: Path) -> Path:
     """``representation.save_pretrained(path)`` written to a temporary folder beside ``path`` and renamed into place,
     so that an interrupted save leaves no half-written checkpoint."""
+    from .mesh_export import current_umask
+
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         representation.save_pretrained(staging)
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes the folder private; give it a new folder's mode
         if path.exists():
             shutil.rmtree(path)
         os.replace(staging, path)
