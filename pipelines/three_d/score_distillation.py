@@ -15,7 +15,8 @@ schedule, ``eps_hat`` its guided noise prediction, ``y`` the prompt):
       t = t_max - (t_max - t_min) i / (n - 1)                       (annealed, iteration i of n)
       x_{s_0} = x0,  x_{s_{j+1}} = alpha_{j+1} x0_hat_j + sqrt(sigma_{j+1}^2 - c_j^2) eps_hat_j + c_j z_j
           over 0 = s_0 < s_1 < ... < s_m = t,   eps_hat_j = eps_hat(x_{s_j}; y, s_j) at inversion_guidance_scale,
-          x0_hat_j = (x_{s_j} - sigma_j eps_hat_j) / alpha_j,   c_j = inversion_eta * sigma_j sqrt(1 - (rho_j / rho_{j+1})^2)
+          x0_hat_0 = x0,   x0_hat_j = (x_{s_j} - sigma_j eps_hat_j) / alpha_j,
+          c_j = inversion_eta * sigma_j sqrt(1 - (rho_j / rho_{j+1})^2),   rho = sigma / alpha
       kappa = (x_t - alpha_t x0) / sigma_t
       x0_target = (x_t - sigma_t eps_hat(x_t; y, t)) / alpha_t,    grad_theta = (x0 - x0_target) dx0/dtheta
                 = (sigma_t / alpha_t) (eps_hat(x_t; y, t) - kappa) dx0/dtheta
@@ -32,8 +33,9 @@ for azimuths within 45 degrees of the front, ``"back view"`` within 45 degrees o
 ``"overhead view"`` above 60 degrees of elevation.
 
 The prior is a small interface (``DistillationPrior``): ``TextToImagePrior`` wraps any diffusers VP text-to-image
-pipeline with a VAE and a UNet (SD 1.x / 2.x, SDXL); a multi-view prior (MVDream) or the exact oracle
-``diffusers_ext.testing.view_oracle.ViewConditionedGaussianPrior`` implement the same interface.
+pipeline with a VAE and a UNet (SD 1.x / 2.x, SDXL), ``MultiViewPrior`` a ``MultiViewDiffusionPipeline`` (MVDream:
+one timestep and one random orbit of cameras per object), and the exact oracle
+``diffusers_ext.testing.view_oracle.ViewConditionedGaussianPrior`` implements it directly.
 """
 
 from __future__ import annotations
