@@ -100,9 +100,12 @@ def test_same_seed_same_result_and_outputs_written(tmp_path):
     assert torch.equal(runs[0].representation.raw_density, runs[1].representation.raw_density)
     assert not torch.equal(runs[0].representation.raw_density, runs[2].representation.raw_density)
     # started from the target itself, the result has a surface to export
+    calls = []
     output = distillation("", target_shape(), num_iterations=2, views_per_iteration=2, height=SIZE, width=SIZE,
                           output_dir=tmp_path, mesh_format="ply", checkpoint_every=1, show_progress=False,
-                          turntable_kwargs={"num_frames": 4, "size": 16})
+                          turntable_kwargs={"num_frames": 4, "size": 16},
+                          callback=lambda i, grid, loss: calls.append((i, type(grid).__name__, loss)))
+    assert calls == [(i, "VoxelGrid", loss) for i, loss in enumerate(output.losses)]
     assert output.mesh_path == tmp_path / "mesh.ply" and output.turntable_path == tmp_path / "turntable.gif"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000001", "checkpoint-000002", "mesh.ply",
                                                           "turntable.gif"]
