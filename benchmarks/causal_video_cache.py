@@ -1,17 +1,18 @@
 """Per-chunk cost of ``CausalVideoPipeline`` with and without the KV cache of the clean context (Ca2-VDM, arXiv
-2411.16375): wall time and cache memory against the chunk index, on a tiny Wan and on a Wan 1.3B-shaped transformer
+2411.16375): CPU time and cache memory against the chunk index, on a tiny Wan and on a Wan 1.3B-shaped transformer
 with random weights (Wan2.1-T2V-1.3B's config: 30 blocks of width 1536, 12 heads, FFN 8960, 16 latent channels).
 
     nice -n 10 python benchmarks/causal_video_cache.py [--models tiny wan-1.3b] [--chunks 8] [--steps 2]
         [--chunk-frames 2] [--latent-size 8] [--max-cache-frames N] [--repeats 2] [--plot PATH]
 
 Each chunk is ``--chunk-frames`` latent frames of ``--latent-size`` squared latents (``(size / 2)^2`` tokens a frame
-after Wan's 2x2 patches), ``--steps`` denoising steps, one prompt of 8 random text tokens, float32, one thread. A
-chunk's time runs from the end of the previous chunk's last step to the end of its own (so the cached run's write
-pass of the previous chunk at timestep 0 is counted in the next chunk); the table gives the minimum over
-``--repeats`` runs (the machine is shared; the minimum is the least disturbed). Cache memory: the keys and values the
-steps of the chunk read (all layers). Target: cached chunk 8 <= 1.3x cached chunk 1, while the uncached cost grows
-(it re-encodes the whole context at every step).
+after Wan's 2x2 patches), ``--steps`` denoising steps, one prompt of 8 random text tokens, float32, one thread.
+Times are the transformer's forward calls (hooks) in CPU seconds of this process (``time.process_time``: on a shared
+machine wall time measures the other processes too), per chunk: its denoising steps, and for the cached run the write
+pass at timestep 0 that put the previous chunk into the cache (chunk 1 has none: its context is empty); the table
+gives the minimum over ``--repeats`` runs. Cache memory: the keys and values of all layers the chunk's steps read.
+Target: cached chunk 8 <= 1.3x cached chunk 1, while the uncached cost grows (it re-encodes the whole context at
+every step).
 """
 
 from __future__ import annotations
@@ -48,16 +49,16 @@ def build_pipeline(name: str) -> CausalVideoPipeline:
 
 def chunk_costs(pipe: CausalVideoPipeline, use_cache: bool, chunks: int, steps: int, chunk_frames: int,
                 latent_size: int, max_cache_frames: int | None) -> dict[str, list[float]]:
-    """Per chunk: seconds of its denoising steps, seconds of the write pass that put the previous chunk into the cache
+    """Per chunk: CPU seconds of its denoising steps, of the write pass that put the previous chunk into the cache
     (0 for chunk 1 and without the cache), and MB of cached keys and values its steps read."""
     calls = []  # (cache mode, seconds, cache bytes) of every transformer forward
 
     def before(module, args):
-        calls.append([causal_attention_state(module).cache_mode, time.perf_counter(), 0])
+        calls.append([causal_attention_state(module).cache_mode, time.process_time(), 0])
 
     def after(module, args, output):
         cache = causal_attention_state(module).cache
-        calls[-1][1] = time.perf_counter() - calls[-1][1]
+        calls[-1][1] = time.process_time() - calls[-1][1]
         calls[-1][2] = cache.memory_bytes() if cache is not None else 0
 
     handles = [pipe.transformer.register_forward_pre_hook(before), pipe.transformer.register_forward_hook(after)]
@@ -90,7 +91,7 @@ def run(name: str, args) -> list[dict]:
         results[use_cache] = {key: [min(run[key][c] for run in runs) for c in range(args.chunks)]
                               for key in ("steps", "write", "memory")}
     cached, uncached = results[True], results[False]
-    print("| chunk | cached: steps s | + cache write s | = total s | cache MB read | uncached: steps s | "
+    print("| chunk | cached: steps CPU s | + cache write | = total | cache MB read | uncached: steps CPU s | "
           "uncached / cached total |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     rows = []
@@ -119,7 +120,7 @@ def plot(all_rows: dict[str, list[dict]], path: str) -> None:
         chunks = [row["chunk"] for row in rows]
         time_axis.plot(chunks, [row["cached"] for row in rows], "o-", label="KV cache")
         time_axis.plot(chunks, [row["uncached"] for row in rows], "s--", label="no cache")
-        time_axis.set(title=f"{name}: time per chunk", xlabel="chunk", ylabel="seconds", ylim=(0, None))
+        time_axis.set(title=f"{name}: time per chunk", xlabel="chunk", ylabel="CPU seconds", ylim=(0, None))
         time_axis.legend()
         memory_axis.plot(chunks, [row["memory"] for row in rows], "o-")
         memory_axis.set(title=f"{name}: cache read per chunk", xlabel="chunk", ylabel="MB", ylim=(0, None))
