@@ -64,8 +64,9 @@ class MultiViewDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMix
     r"""MVDream's multi-view text-to-image sampling (arXiv 2308.16512; module docstring).
 
     Args:
-        unet: a ``UNet2DConditionModel`` (made multi-view here for ``num_views`` views with ``camera_embedding``, if
-            it is not already) or a denoiser that takes ``(sample, timestep, encoder_hidden_states, cameras=)`` and
+        unet: a ``UNet2DConditionModel`` (made multi-view here, in place, for ``num_views`` views with
+            ``camera_embedding``, if it is not already: a pipeline sharing it, e.g. the Stable Diffusion pipeline it
+            came from, then sees the multi-view UNet; ``remove_multiview(pipe.unet)`` gives the 2D UNet back) or a denoiser that takes ``(sample, timestep, encoder_hidden_states, cameras=)`` and
             has ``num_views`` in its config (the exact oracle).
         scheduler: a diffusers-API scheduler.
         camera_embedding: the ``CameraEmbedding`` the UNet's timestep embedding gets; not needed for a denoiser
