@@ -54,8 +54,8 @@ class TrainingMethod(Protocol):
     - ``state_dict()`` / ``load_state_dict(state)`` for running state that checkpoints must keep;
     - ``last_terms``, a dict of numbers (the loss's terms, the last round's reward) logged with the loss;
     - ``trainable_modules() -> dict[str, torch.nn.Module]``, modules the loss uses besides the model (CREPA's
-      projection head): the same optimizer trains them, checkpoints keep them, and ``TrainingResult.ema_weights``
-      holds their EMA under ``"<name>.<parameter>"``."""
+      projection head): the same optimizer trains them, checkpoints keep them, and
+      ``TrainingResult.method_ema_weights`` holds their EMA."""
 
     name: str
 
@@ -66,12 +66,14 @@ class TrainingMethod(Protocol):
 class TrainingResult:
     """``model`` is the trained model (unwrapped: a PEFT model or a diffusers model with an adapter under LoRA);
     ``ema_weights`` maps the names of its trained parameters to their EMA (``None`` without ``ema_decay``); load them
-    with ``model.load_state_dict(result.ema_weights, strict=False)``."""
+    with ``model.load_state_dict(result.ema_weights, strict=False)``; ``method_ema_weights`` does the same for each of
+    the method's ``trainable_modules()``, by name."""
 
     model: torch.nn.Module
     losses: list[float]
     step: int
     ema_weights: dict[str, torch.Tensor] | None = None
+    method_ema_weights: dict[str, dict[str, torch.Tensor]] | None = None
 
 
 def process_state() -> PartialState:
@@ -166,9 +168,10 @@ class Trainer:
             raise ValueError(f"{type(model).__name__} has no trainable parameters")
         self.method_modules = dict(method.trainable_modules()) if callable(
             getattr(method, "trainable_modules", None)) else {}
+        self.num_model_trainable = len(named_trainable)
         for name, module in self.method_modules.items():
             module.to(self.accelerator.device)
-            named_trainable += [(f"{name}.{n}", p) for n, p in module.named_parameters() if p.requires_grad]
+            named_trainable += [((name, n), p) for n, p in module.named_parameters() if p.requires_grad]
         # Not wrapped by accelerate (the loss calls them directly), so their gradients are averaged by hand.
         self.method_parameters = [p for module in self.method_modules.values() for p in module.parameters()
                                   if p.requires_grad]
@@ -259,12 +262,16 @@ class Trainer:
         finally:
             if config.log_with is not None:
                 self.accelerator.end_training()
-        ema_weights = None
+        ema_weights = method_ema_weights = None
         if self.ema is not None:
-            ema_weights = {n: p.detach().clone() for n, p in zip(self.trainable_names, self.ema.shadow_params,
-                                                                   strict=True)}
+            averages = [p.detach().clone() for p in self.ema.shadow_params]
+            split = self.num_model_trainable
+            ema_weights = dict(zip(self.trainable_names[:split], averages[:split], strict=True))
+            method_ema_weights = {name: {} for name in self.method_modules}
+            for (name, parameter_name), average in zip(self.trainable_names[split:], averages[split:], strict=True):
+                method_ema_weights[name][parameter_name] = average
         return TrainingResult(model=self.accelerator.unwrap_model(self.model), losses=losses, step=self.step,
-                              ema_weights=ema_weights)
+                              ema_weights=ema_weights, method_ema_weights=method_ema_weights)
 
     def _run(self, losses: list[float]) -> None:
         config = self.config
