@@ -185,3 +185,21 @@ def test_bad_inputs_raise_before_any_work(change, error, message):
 def test_components_the_method_cannot_use_are_refused(pipe, message):
     with pytest.raises(ValueError, match=message):
         run(pipe())
+
+
+def test_the_shipped_slice_prior_loads_through_stock_diffusers_and_its_held_out_loss_reproduces():
+    import json
+
+    from diffusers_ext.shipped import shipped_model_path
+    from diffusers_ext.training.recipes.tiny_slice_prior import held_out_denoising_loss, held_out_slices
+
+    folder = shipped_model_path("tiny-slice-prior")
+    assert sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) < 10 * 2**20
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    assert isinstance(pipe, DiffusionMBIRPipeline)
+    report = json.loads((folder / "training_report.json").read_text())["held_out_epsilon_mse"]
+    measured = held_out_denoising_loss(pipe.unet, held_out_slices(count_per_kind=1), pipe.scheduler)
+    print(f"\nheld-out epsilon MSE on 2 volumes {measured['mean']:.4f} (report, 8 volumes: {report['trained (EMA)']['mean']:.4f},"
+          f" untrained {report['untrained']['mean']:.4f})")
+    assert measured["mean"] < 0.5 * report["untrained"]["mean"]
+    assert abs(measured["mean"] - report["trained (EMA)"]["mean"]) < 0.25 * report["trained (EMA)"]["mean"]

@@ -63,6 +63,7 @@ def test_the_denoiser_is_the_exact_posterior_mean_in_model_space(law):
         torch.testing.assert_close(denoiser(noisy, timestep).sample.reshape(64, 4), expected, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.effect
 def test_slice_wise_diffusion_mbir_samples_the_exact_posterior_up_to_its_bias(law):
     """``lambda_tv = 0``, ancestral DDPM, 100 steps, one CG iteration per step (an exact projection for a mask)."""
     scheduler = DDPMScheduler(clip_sample=False)
