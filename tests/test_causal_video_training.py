@@ -150,6 +150,8 @@ def test_a_short_run_lowers_the_held_out_chunk_loss(tmp_path, training_seed):
         before = held_out_chunk_loss(trainer.model, held_out)
         after = held_out_chunk_loss(trainer.train().model, held_out)
         best_constant = 1 + held_out.var(dim=0, unbiased=False).mean().item()
+        print(f"\nseed {seed}: held-out chunk loss {before:.3f} -> {after:.3f} ({after / before:.2f} of the initial, "
+              f"{after / best_constant:.2f} of the best constant's {best_constant:.3f})")
         assert after < 0.6 * before and after < 0.85 * best_constant, (seed, before, after, best_constant)
 
 
