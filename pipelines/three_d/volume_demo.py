@@ -68,7 +68,7 @@ class VolumeTask:
 TASKS = {
     "sparse-view": VolumeTask("sparse-view", "8-view sparse CT", axis=0, rho=10.0, lambda_tv=1.0),
     "limited-angle": VolumeTask("limited-angle", "90-degree limited-angle CT", axis=0, rho=50.0, lambda_tv=5.0),
-    "sr": VolumeTask("sr", "4x through-plane super-resolution (every 4th slice)", axis=1, rho=0.1, lambda_tv=0.01),
+    "sr": VolumeTask("sr", "4x through-plane super-resolution", axis=1, rho=0.1, lambda_tv=0.01),
 }
 METHODS = ("baseline", "slice-wise", "DiffusionMBIR")
 
@@ -148,10 +148,10 @@ def orthogonal_slices(volumes: dict[str, torch.Tensor], truth: torch.Tensor, pat
 
     figure, axes = plt.subplots(3, len(volumes), figsize=(2.2 * len(volumes), 6.6), squeeze=False)
     for column, (name, volume) in enumerate(volumes.items()):
-        volume = volume.detach().cpu().float().clamp(0, 1)
+        label = name if name == "ground truth" else f"{name}\n{volume_scores(volume, truth)['psnr']:.2f} dB"
+        volume = volume.detach().cpu().float().clamp(0, 1)  # for display only
         centre = [n // 2 for n in volume.shape]
         views = (volume[centre[0]], volume[:, centre[1]], volume[:, :, centre[2]])
-        label = name if name == "ground truth" else f"{name}\n{volume_scores(volume, truth)['psnr']:.1f} dB"
         for row, (view, plane) in enumerate(zip(views, ("axial (z)", "coronal", "sagittal"), strict=True)):
             axis = axes[row][column]
             axis.imshow(view.numpy(), cmap="gray", vmin=0, vmax=1)
