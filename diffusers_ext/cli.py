@@ -22,7 +22,7 @@ from .components import COMPONENTS, components_markdown_table, list_components
 
 # The restored image is computed at full output resolution; the shipped model needs about 1.6 GB per megapixel.
 MAX_RESTORE_PIXELS = 2048 * 2048
-DEMO_PARTS = ("samplers", "steering", "text", "restoration", "video")
+DEMO_PARTS = ("samplers", "steering", "text", "restoration", "video", "3d_inverse")
 
 
 def _list(args: argparse.Namespace) -> None:
@@ -121,6 +121,12 @@ def _demo(args: argparse.Namespace) -> None:
             from .pipelines.restoration.demo import run_restoration_demo
 
             run_restoration_demo(output / "restoration")
+        elif part == "3d_inverse":
+            print("The shipped tiny slice prior with DiffusionMBIR: held-out volumes from 8 CT views, a 90-degree "
+                  "wedge and every 4th slice, next to FBP / interpolation and the slice-wise ablation\n")
+            from .pipelines.three_d.volume_demo import run_volume_demo
+
+            run_volume_demo(output / "3d_inverse")
         else:
             print("The shipped tiny FVDM video model: generation, image-to-video, interpolation and a long video, "
                   "next to held-out clips\n")
@@ -190,6 +196,7 @@ VIDEO_FPS = 8
 # FrameAwareVideoPipeline's defaults where a model's files do not say otherwise (tests/test_video_cli.py checks them
 # against the pipeline): 8 frames, frames of sample_size 16 latent pixels, 1 context frame.
 PIPELINE_NUM_FRAMES, PIPELINE_SAMPLE_SIZE, PIPELINE_CONTEXT_FRAMES = 8, 16, 1
+CAUSAL_CHUNK_FRAMES = 2  # pixel frames a CausalVideoPipeline adds at a time, as diffusers-ext train causal-video trains
 STOCK_LIBRARIES = ("diffusers", "transformers", None)
 
 
@@ -213,6 +220,7 @@ class VideoModel:
     context_frames: int
     frame_size: tuple[int, int] | None
     temporal_compression: int | None
+    causal: bool = False  # a CausalVideoPipeline (it extends videos chunk by chunk), not a FrameAwareVideoPipeline
 
 
 def _read_json(path: Path, model: str) -> dict[str, Any]:
@@ -247,8 +255,10 @@ def video_model(model: str, trust_remote_code: bool) -> VideoModel:
     folder = shipped_model_path(model) if shipped else _model_files(model)
     index = _read_json(folder / "model_index.json", model)
     class_name = index.get("_class_name")
-    if (class_name[-1] if isinstance(class_name, list) else class_name) != "FrameAwareVideoPipeline":
-        raise ValueError(f"--model {model} holds a {class_name}, not a FrameAwareVideoPipeline")
+    pipeline_class = class_name[-1] if isinstance(class_name, list) else class_name
+    if pipeline_class not in ("FrameAwareVideoPipeline", "CausalVideoPipeline"):
+        raise ValueError(f"--model {model} holds a {class_name}, not a FrameAwareVideoPipeline (or, for extend, a "
+                         "CausalVideoPipeline)")
     # save_for_hub's layout: the pipeline and our components load through one-line loader files (custom code).
     custom = isinstance(class_name, list) or any(
         isinstance(entry, list) and entry[:1] and entry[0] not in STOCK_LIBRARIES for entry in index.values())
@@ -266,7 +276,8 @@ def video_model(model: str, trust_remote_code: bool) -> VideoModel:
     report = folder / "training_report.json"
     clip = _read_json(report, model).get("clip", {}) if report.is_file() else {}
     return VideoModel(str(folder if shipped else model), trusted, clip.get("num_frames"),
-                      clip.get("context_frames", PIPELINE_CONTEXT_FRAMES), (side, side) if side else None, temporal)
+                      clip.get("context_frames", PIPELINE_CONTEXT_FRAMES), (side, side) if side else None, temporal,
+                      pipeline_class == "CausalVideoPipeline")
 
 
 def _frame_size_text(height: int, width: int) -> str:
@@ -370,6 +381,8 @@ def check_video_arguments(args: argparse.Namespace) -> dict[str, Any]:
         _check_ffmpeg(output, "writing")
     check_writable(output)
     model = video_model(args.model, args.trust_remote_code)
+    if model.causal or getattr(args, "chunk_frames", None):
+        return check_causal_extend_arguments(args, output, model)
     window, context, ratio = args.window or model.clip_frames, args.context_frames or model.context_frames, \
         model.temporal_compression
     if window:
@@ -420,13 +433,192 @@ def check_video_arguments(args: argparse.Namespace) -> dict[str, Any]:
                 context_frames=context, conditioning_frames=conditioning, video=video)
 
 
+def check_causal_extend_arguments(args: argparse.Namespace, output: Path, model: VideoModel) -> dict[str, Any]:
+    """``video extend`` with a ``CausalVideoPipeline``: the given video is the clean context and the model continues
+    it chunk by chunk; returns the keyword arguments of ``pipelines.video.causal_demo.make_causal_video_file``."""
+    if not model.causal:
+        raise ValueError(f"--chunk-frames is for a CausalVideoPipeline; --model {args.model} is a "
+                         "FrameAwareVideoPipeline (it rolls a window: --window, --context-frames)")
+    if args.task != "extend":
+        raise ValueError(f"--model {args.model} is a CausalVideoPipeline: it extends a video (diffusers-ext video "
+                         f"extend), not {args.task}")
+    if args.window:
+        raise ValueError("--window is for a FrameAwareVideoPipeline; a CausalVideoPipeline adds --chunk-frames "
+                         "frames at a time")
+    video, ratio = read_video(args.video, "--video"), model.temporal_compression or 1
+    chunk = getattr(args, "chunk_frames", None) or max(CAUSAL_CHUNK_FRAMES, ratio)  # one latent frame at least
+    num_frames = args.frames or len(video) + chunk
+    if num_frames <= len(video):
+        raise ValueError(f"--frames {num_frames} must exceed the {len(video)} frames of --video {args.video} "
+                         "(it counts the whole extended video)")
+    if chunk % ratio:
+        raise ValueError(f"--chunk-frames {chunk}: this model's VAE packs {ratio} frames into a latent frame; give a "
+                         f"multiple of {ratio}")
+    if (len(video) - 1) % ratio:
+        raise ValueError(f"--video {args.video} has {len(video)} frames; this model's VAE encodes 1 + a multiple of "
+                         f"{ratio}")
+    _check_frame_count(num_frames, model, "--frames")
+    for index, frame in enumerate(video):
+        _check_frame_size(frame, f"frame {index} of --video {args.video}", model)
+    if len({frame.size for frame in video}) > 1:
+        raise ValueError(f"--video {args.video}: its frames differ in size")
+    return dict(output=output, model=model.source, trust_remote_code=model.trust_remote_code, num_frames=num_frames,
+                chunk_frames=chunk, max_cache_frames=args.context_frames, num_inference_steps=args.steps,
+                seed=args.seed, fps=args.fps, video=video)
+
+
 def _video(args: argparse.Namespace) -> None:
     request = check_video_arguments(args)
-    from .pipelines.video.demo import make_video_file
+    if "chunk_frames" in request:
+        from .pipelines.video.causal_demo import make_causal_video_file as make_video_file
+    else:
+        from .pipelines.video.demo import make_video_file
 
     frames, seconds = make_video_file(**request)
     height, width = frames.shape[1:3]
     print(f"wrote {args.output}: {len(frames)} frames of {_frame_size_text(height, width)} in {seconds:.1f} s")
+
+
+# ``diffusers-ext 3d reconstruct``: the volume file, the output and the operator are checked here, before torch is
+# imported; the work is in pipelines/three_d/volume_demo.py.
+RECONSTRUCT_LIMITED_ANGLE_VIEWS = 90  # one view per degree over the 90-degree wedge, as in DiffusionMBIR
+
+
+def _volume_model_multiple(model: str | None) -> int | None:
+    """What the slice sides of a ``DiffusionMBIRPipeline`` folder's UNet must be multiples of, read from its JSON
+    files (the shipped prior's when ``model`` is None); None when it cannot be told before loading (a Hub id)."""
+    from .shipped import shipped_model_path
+
+    folder = shipped_model_path("tiny-slice-prior") if model is None else Path(model)
+    config_path = folder / "unet" / "config.json"
+    if not config_path.is_file():
+        return None
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    return 2 ** (len(config.get("block_out_channels", [0])) - 1)
+
+
+def check_reconstruct_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything about ``3d reconstruct``'s files and operator that can be known before torch is imported; returns
+    the keyword arguments of ``pipelines.three_d.volume_demo.reconstruct_volume_file``."""
+    import numpy as np
+
+    source, target = Path(args.input), Path(args.output)
+    if source.suffix != ".npy" or not source.is_file():
+        raise ValueError(f"no volume at {source}: the input is a .npy file holding a (D, H, W) array in [0, 1]")
+    try:
+        volume = np.load(source, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read {source} as a numpy array: {error}") from None
+    if volume.ndim != 3 or not np.issubdtype(volume.dtype, np.number) or np.iscomplexobj(volume):
+        raise ValueError(f"{source} holds a {volume.dtype} array of shape {volume.shape}; a volume is a real (D, H, W) "
+                         "array")
+    if not np.isfinite(volume).all():
+        raise ValueError(f"{source} has NaN or infinite values")
+    if target.suffix != ".npy":
+        raise ValueError(f"cannot write the reconstruction as {target.name!r}: the output is a .npy file")
+    check_writable(target)
+    depth, height, width = volume.shape
+    if args.sr is not None and (args.views is not None or args.limited_angle):
+        raise ValueError("--sr (through-plane super-resolution) measures slices, not projections: leave out --views "
+                         "and --limited-angle")
+    if args.sr is not None:
+        if args.sr < 2:
+            raise ValueError(f"--sr must be a factor of at least 2, got {args.sr}")
+        if depth % args.sr:
+            raise ValueError(f"--sr {args.sr} keeps every {args.sr}th slice of {source.name}: its depth {depth} must "
+                             f"be a multiple of {args.sr}")
+        slice_axis, slice_shape = 1, (depth, width)  # the prior sees (D, W) slices, every sr-th row measured
+    else:
+        if height != width:
+            raise ValueError(f"parallel-beam CT takes square slices; {source.name} has slices of {height}x{width}")
+        slice_axis, slice_shape = 0, (height, width)
+    if volume.shape[slice_axis] < 2:
+        raise ValueError(f"the TV across slices needs at least two slices along axis {slice_axis}; {source.name} "
+                         f"has shape {volume.shape}")
+    multiple = _volume_model_multiple(args.model)
+    if multiple is not None and any(side % multiple for side in slice_shape):
+        raise ValueError(f"the prior's UNet takes slices whose sides are multiples of {multiple}; {source.name} "
+                         f"({depth}x{height}x{width}) gives slices of {slice_shape[0]}x{slice_shape[1]} along axis "
+                         f"{slice_axis}")
+    for name in ("lambda_tv", "rho"):
+        value = getattr(args, name)
+        if value is not None and not (value >= 0 if name == "lambda_tv" else value > 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'lambda_tv' else '> 0'}, "
+                             f"got {value}")
+    views = args.views or (RECONSTRUCT_LIMITED_ANGLE_VIEWS if args.limited_angle else 8)
+    return dict(input_path=source, output_path=target, views=views, limited_angle=args.limited_angle, sr=args.sr,
+                num_inference_steps=args.steps, seed=args.seed, model=args.model,
+                trust_remote_code=args.trust_remote_code, lambda_tv=args.lambda_tv, rho=args.rho)
+
+
+def _reconstruct(args: argparse.Namespace) -> None:
+    request = check_reconstruct_arguments(args)
+    from .pipelines.three_d.volume_demo import reconstruct_volume_file
+
+    result = reconstruct_volume_file(**request)
+    ours, baseline = result["DiffusionMBIR"], result["baseline"]
+    print(f"wrote {args.output}: {result['task']}, DiffusionMBIR {ours['psnr']:.2f} dB / SSIM {ours['ssim']:.3f} "
+          f"against the input (classical baseline {baseline['psnr']:.2f} dB / {baseline['ssim']:.3f}) in "
+          f"{result['seconds']:.1f} s")
+
+
+# ``diffusers-ext 3d distill``: the pipeline folder's JSON files, the sizes and the output are checked here, before
+# torch is imported; whether the scheduler is VP is checked on the loaded pipeline (check_vp_pipeline).
+DISTILL_MESH_FORMATS = ("glb", "ply", "obj")
+
+
+def _json_file(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
+
+
+def check_distill_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything about ``3d distill``'s pipeline folder, sizes and output that can be known before torch is
+    imported; returns the keyword arguments of ``pipelines.three_d.score_distillation.distill_pretrained``."""
+    if not args.prompt.strip():
+        raise ValueError("the prompt is empty")
+    folder = Path(args.pipeline)
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"no pipeline at {folder}: --pipeline is a folder saved with save_pretrained "
+                         "(model_index.json)")
+    index = _json_file(folder / "model_index.json")
+    missing = [name for name in ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+               if not isinstance(index.get(name), list) or None in index[name]]
+    if missing:
+        raise ValueError(f"3d distill needs a text-to-image pipeline with a VAE and a UNet (Stable Diffusion 1.x / "
+                         f"2.x, SDXL); {folder} ({index.get('_class_name')}) has no {', '.join(missing)}")
+    vae, unet = _json_file(folder / "vae" / "config.json"), _json_file(folder / "unet" / "config.json")
+    image_size = args.prior_size or args.size
+    multiple = 2 ** (len(vae.get("block_out_channels", [0])) - 1) * 2 ** (len(unet.get("block_out_channels", [0])) - 1)
+    if image_size % multiple:
+        raise ValueError(f"{folder}'s VAE and UNet take images whose side is a multiple of {multiple}; "
+                         f"{'--prior-size' if args.prior_size else '--size'} is {image_size}")
+    if args.resolution < 2:
+        raise ValueError(f"--resolution must be at least 2 voxels per axis, got {args.resolution}")
+    if args.lr <= 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file; it must be a folder (created if missing)")
+    check_writable(output / "mesh.glb")
+    return dict(prompt=args.prompt, pipeline_path=folder, output_dir=output, method=args.method,
+                guidance_scale=args.guidance_scale, image_size=args.prior_size, seed=args.seed,
+                num_iterations=args.iterations, views_per_iteration=args.views, height=args.size, width=args.size,
+                resolution=args.resolution, learning_rate=args.lr, mesh_format=args.mesh_format,
+                checkpoint_every=args.checkpoint_every,
+                turntable_kwargs={"num_frames": args.turntable_frames, "size": args.turntable_size})
+
+
+def _distill(args: argparse.Namespace) -> None:
+    request = check_distill_arguments(args)
+    from .pipelines.three_d.score_distillation import distill_pretrained
+
+    start = time.perf_counter()
+    output = distill_pretrained(**request)
+    print(f"wrote {output.mesh_path} and {output.turntable_path} ({args.method.upper()}, {args.iterations} "
+          f"iterations, {time.perf_counter() - start:.1f} s)")
 
 
 def positive_int(text: str) -> int:
@@ -574,6 +766,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "window)" if task != "interpolate" else
                        "frames of the video, the key frames included (default and most: the window)")
         task_parser.add_argument("--frames", type=positive_int, help=frames_help)
+        if task == "extend":
+            task_parser.add_argument("--chunk-frames", type=positive_int,
+                                     help=f"with a CausalVideoPipeline --model: frames added per chunk (default: "
+                                          f"{CAUSAL_CHUNK_FRAMES}, or the VAE's temporal compression if more); --context-frames then bounds the latent frames "
+                                          "of context it keeps (default: all)")
         task_parser.add_argument("--window", type=positive_int,
                                  help="frames per model call; longer videos roll the window (default: the clips the "
                                       "model was trained on where its training report says, 8 for the shipped one; "
@@ -593,6 +790,57 @@ def build_parser() -> argparse.ArgumentParser:
         task_parser.add_argument("--fps", type=positive_int, default=VIDEO_FPS,
                                  help="frames per second of the file (default: %(default)s)")
         task_parser.set_defaults(run=_video)
+
+    three_d = commands.add_parser("3d", help="3D: score distillation to a mesh, volumes from projections",
+                                  description="3D tasks with diffusion priors.")
+    three_d_tasks = three_d.add_subparsers(dest="task", required=True)
+    reconstruct = three_d_tasks.add_parser(
+        "reconstruct", help="a volume from its simulated measurement, with DiffusionMBIR and the shipped slice prior",
+        description="Measure a volume (.npy, (D, H, W) in [0, 1]) by sparse-view or limited-angle parallel-beam CT or "
+                    "through-plane downsampling, reconstruct it with DiffusionMBIRPipeline (a 2D slice prior with "
+                    "ADMM-TV across slices) and write the reconstruction (.npy); prints PSNR / SSIM against the input "
+                    "and the classical baseline's.")
+    reconstruct.add_argument("input", help="the volume (.npy, (D, H, W), values in [0, 1])")
+    reconstruct.add_argument("output", help="where to write the reconstruction (.npy, float32)")
+    reconstruct.add_argument("--views", type=positive_int,
+                             help="CT views (default: 8 over 180 degrees; 90 with --limited-angle)")
+    reconstruct.add_argument("--limited-angle", action="store_true", help="the views span a 90-degree wedge")
+    reconstruct.add_argument("--sr", type=positive_int, metavar="K",
+                             help="through-plane super-resolution: only every K-th slice is measured")
+    reconstruct.add_argument("--steps", type=positive_int, default=50, help="diffusion steps (default: %(default)s)")
+    reconstruct.add_argument("--seed", type=int, default=0)
+    reconstruct.add_argument("--lambda-tv", type=float, help="the TV weight across slices (default: the task's)")
+    reconstruct.add_argument("--rho", type=float, help="the ADMM penalty (default: the task's)")
+    reconstruct.add_argument("--model", help="a DiffusionMBIRPipeline folder or Hub id (default: the shipped prior)")
+    reconstruct.add_argument("--trust-remote-code", action="store_true",
+                             help="allow --model's loader files (folders saved with diffusers-ext's save_for_hub)")
+    reconstruct.set_defaults(run=_reconstruct)
+    distill = three_d_tasks.add_parser(
+        "distill", help="text to a textured mesh by score distillation (SDS / SDI) from a text-to-image pipeline",
+        description="Optimise a voxel grid so that its renders from random cameras score well under a VP "
+                    "text-to-image pipeline (Stable Diffusion 1.x / 2.x, SDXL) by SDS (DreamFusion) or SDI (score "
+                    "distillation via DDIM inversion); writes mesh.<format> and turntable.gif to --output.")
+    distill.add_argument("prompt", help="what to make (DreamFusion's view suffixes are appended per camera)")
+    distill.add_argument("--pipeline", required=True, help="a text-to-image pipeline folder (save_pretrained)")
+    distill.add_argument("--output", required=True, help="the folder to write mesh and turntable to")
+    distill.add_argument("--method", choices=("sds", "sdi"), default="sds")
+    distill.add_argument("--iterations", type=positive_int, default=500, help="Adam steps (default: %(default)s)")
+    distill.add_argument("--views", type=positive_int, default=4, help="cameras per step (default: %(default)s)")
+    distill.add_argument("--size", type=positive_int, default=64, help="render side in pixels (default: %(default)s)")
+    distill.add_argument("--prior-size", type=positive_int,
+                         help="resize renders to this side before the VAE (Stable Diffusion: 512; default: --size)")
+    distill.add_argument("--resolution", type=positive_int, default=32,
+                         help="voxel grid vertices per axis (default: %(default)s)")
+    distill.add_argument("--guidance-scale", type=float,
+                         help="classifier-free guidance (default: 100 for SDS, 7.5 for SDI, as the papers)")
+    distill.add_argument("--lr", type=float, default=0.05, help="Adam learning rate (default: %(default)s)")
+    distill.add_argument("--mesh-format", choices=DISTILL_MESH_FORMATS, default="glb")
+    distill.add_argument("--checkpoint-every", type=positive_int, help="save the voxel grid every N steps")
+    distill.add_argument("--turntable-frames", type=positive_int, default=24, help="(default: %(default)s)")
+    distill.add_argument("--turntable-size", type=positive_int, default=96, help="side in pixels (default: "
+                                                                                 "%(default)s)")
+    distill.add_argument("--seed", type=int, default=0)
+    distill.set_defaults(run=_distill)
 
     bench = commands.add_parser("bench", help="benchmarks",
                                 description="Benchmarks: samplers on the exact oracles, speed hooks.")

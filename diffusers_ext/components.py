@@ -206,6 +206,45 @@ COMPONENTS: tuple[Component, ...] = (
         "experimental",
     ),
     Component(
+        "DiffusionMBIRPipeline",
+        "pipeline",
+        "diffusers_ext.pipelines",
+        "3D inverse problems (sparse-view / limited-angle CT, through-plane super-resolution, masks) with a 2D slice "
+        "prior: every slice denoised in batches, then ADMM-TV across slices (CG inner solves) after each step",
+        "Solving 3D Inverse Problems using Pre-trained 2D Diffusion Models",
+        "2211.10655",
+        "experimental",
+    ),
+    Component(
+        "CausalVideoPipeline",
+        "pipeline",
+        "diffusers_ext.pipelines",
+        "Autoregressive video chunk by chunk on a stock Wan made frame-causal, the clean context's keys/values "
+        "computed once per chunk at timestep 0 and shared by every denoising step (bounded cache, image or clip start)",
+        "Ca2-VDM: Efficient Autoregressive Video Diffusion Model with Causal Generation and Cache Sharing",
+        "2411.16375",
+        "experimental",
+    ),
+    Component(
+        "JointImageVideoPipeline",
+        "pipeline",
+        "diffusers_ext.pipelines",
+        "JVID: an image model (each frame on its own) and a video model sharing one latent space take turns denoising "
+        "one video, by a per-step schedule (alternating, random, or your own)",
+        "JVID: Joint Video-Image Diffusion for Visual-Quality and Temporal-Consistency in Video Generation",
+        "2409.14149",
+        "experimental",
+    ),
+    Component(
+        "DenoisingObjective",
+        "trainer",
+        "diffusers_ext.training",
+        "The plain DDPM loss (uniform timesteps, the scheduler's prediction type) for an unconditional image model, "
+        "e.g. DiffusionMBIR's 2D slice prior",
+        "Denoising Diffusion Probabilistic Models",
+        "2006.11239",
+    ),
+    Component(
         "PairedRestorationObjective",
         "trainer",
         "diffusers_ext.training",
@@ -279,6 +318,17 @@ COMPONENTS: tuple[Component, ...] = (
         "(`diffusers-ext train fvdm`)",
         "Redefining Temporal Modeling in Video Diffusion: The Vectorized Timestep Approach",
         "2410.03160",
+        "experimental",
+    ),
+    Component(
+        "CREPAObjective",
+        "trainer",
+        "diffusers_ext.training",
+        "CREPA: a video model's diffusion loss plus cosine alignment (through a trained projection head) of one "
+        "block's hidden states with frozen image features of each frame and its neighbours (weights exp(-|k-f|/tau)), "
+        "for LoRA on Wan / CogVideoX-style transformers (`diffusers-ext train crepa`)",
+        "Cross-Frame Representation Alignment for Fine-Tuning Video Diffusion Models",
+        "2506.09229",
         "experimental",
     ),
     Component(
@@ -411,11 +461,93 @@ COMPONENTS: tuple[Component, ...] = (
         "The stock sampling loop on an oracle with any scheduler, returning unclamped samples",
     ),
     Component(
+        "SliceMixtureVolumeLaw",
+        "oracle",
+        "diffusers_ext.testing",
+        "Volumes of i.i.d. Gaussian-mixture slices: the exact slice denoiser (a pipeline's unet) and the exact "
+        "per-slice posterior of a slice-wise linear measurement",
+    ),
+    Component(
         "VideoGaussianMixtureDenoiser",
         "oracle",
         "diffusers_ext.testing",
         "Exact per-frame-timestep denoiser of a Gaussian mixture of AR(1) clips (exact conditional laws and frame "
         "statistics in VideoGaussianMixture)",
+    ),
+    Component(
+        "MultiViewDiffusionPipeline",
+        "pipeline",
+        "diffusers_ext.pipelines",
+        "MVDream multi-view sampling: N consistent views per prompt around an object (cameras given or an orbit), "
+        "CFG, any VP scheduler, views + cameras out (view_grid for a sheet)",
+        "MVDream: Multi-view Diffusion for 3D Generation",
+        "2308.16512",
+        "experimental",
+    ),
+    Component(
+        "MultiViewAttnProcessor",
+        "model",
+        "diffusers_ext.pipelines.three_d",
+        "Self-attention across the views of each object on a stock UNet2DConditionModel's attn1 layers "
+        "(make_multiview / remove_multiview), wrapping and restoring the layer's own processor",
+        "MVDream: Multi-view Diffusion for 3D Generation",
+        "2308.16512",
+        "experimental",
+    ),
+    Component(
+        "CameraEmbedding",
+        "model",
+        "diffusers_ext.pipelines.three_d",
+        "MVDream's camera MLP of the normalized camera-to-world matrix, added to a stock UNet's timestep embedding "
+        "by diffusers hooks (unet(..., cameras=...)); save_pretrained / from_pretrained",
+        "MVDream: Multi-view Diffusion for 3D Generation",
+        "2308.16512",
+        "experimental",
+    ),
+    Component(
+        "MultiViewObjective",
+        "trainer",
+        "diffusers_ext.training",
+        "MVDream fine-tuning: LoRA on the UNet + the camera MLP on views rendered on the fly, one timestep per "
+        "object, 2D batches mixed in (the paper's 0.3) (`diffusers-ext train multiview`)",
+        "MVDream: Multi-view Diffusion for 3D Generation",
+        "2308.16512",
+        "experimental",
+    ),
+    Component(
+        "MultiViewMixtureDenoiser",
+        "oracle",
+        "diffusers_ext.testing",
+        "Exact joint (or per-view) denoiser of a law of view sets over K shapes seen from N cameras: checks that a "
+        "multi-view sampler keeps each object's views together",
+    ),
+    Component(
+        "ScoreDistillation",
+        "trainer",
+        "diffusers_ext.pipelines.three_d",
+        "Text to a textured mesh: SDS or SDI (DDIM-inversion noise, annealed t) optimises a VoxelGrid against any VP "
+        "text-to-image pipeline (SD 1.x/2.x/SDXL) or a multi-view prior, view-dependent prompts, checkpoints, mesh + "
+        "turntable (`diffusers-ext 3d distill`)",
+        "Score Distillation via Reparametrized DDIM",
+        "2405.15891",
+        "experimental",
+    ),
+    Component(
+        "VoxelGrid",
+        "model",
+        "diffusers_ext.pipelines.three_d",
+        "A density + colour voxel grid rendered by a differentiable emission-absorption volume renderer in pure torch "
+        "(render, orbit_cameras, random_cameras); marching-cubes export to .glb / .ply / .obj and turntable GIFs",
+        "DreamFusion: Text-to-3D using 2D Diffusion",
+        "2209.14988",
+        "experimental",
+    ),
+    Component(
+        "ViewConditionedGaussianPrior",
+        "oracle",
+        "diffusers_ext.testing",
+        "A prior whose law at camera c is a Gaussian (or mixture) around the renders of known shapes: closed-form "
+        "eps for checking score distillation against the shape it must recover",
     ),
 )
 
@@ -426,6 +558,25 @@ HELPERS: dict[str, str] = {
     "render_model_card": "diffusers_ext.hub",
     "load_shipped_pipeline": "diffusers_ext.shipped",
     "shipped_model_path": "diffusers_ext.shipped",
+    "enable_causal_attention": "diffusers_ext.pipelines.video",
+    "disable_causal_attention": "diffusers_ext.pipelines.video",
+    "make_multiview": "diffusers_ext.pipelines.three_d",
+    "remove_multiview": "diffusers_ext.pipelines.three_d",
+    "view_grid": "diffusers_ext.pipelines.three_d",
+    "render": "diffusers_ext.pipelines.three_d",
+    "orbit_cameras": "diffusers_ext.pipelines.three_d",
+    "random_cameras": "diffusers_ext.pipelines.three_d",
+    "voxelize": "diffusers_ext.pipelines.three_d",
+    "random_shape": "diffusers_ext.pipelines.three_d",
+    "export_mesh": "diffusers_ext.pipelines.three_d",
+    "export_turntable": "diffusers_ext.pipelines.three_d",
+    "ParallelBeamProjection": "diffusers_ext.pipelines.three_d",
+    "ThroughPlaneDownsampling": "diffusers_ext.pipelines.three_d",
+    "VolumeMask": "diffusers_ext.pipelines.three_d",
+    "sparse_view_angles": "diffusers_ext.pipelines.three_d",
+    "limited_angle_angles": "diffusers_ext.pipelines.three_d",
+    "filtered_back_projection": "diffusers_ext.pipelines.three_d",
+    "interpolate_through_plane": "diffusers_ext.pipelines.three_d",
 }
 
 

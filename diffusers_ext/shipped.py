@@ -6,7 +6,10 @@
   trained by ``python -m diffusers_ext.training.recipes.tiny_text_model``);
 - ``"tiny-fvdm-shapes"``: FVDM video of bouncing shapes, 8 frames of 16 x 16 px, in pixel space
   (``FrameAwareVideoPipeline``: generation, image-to-video, interpolation, long video; 0.31 M parameters, trained on
-  synthetic clips by ``python -m diffusers_ext.training.recipes.tiny_fvdm_shapes``).
+  synthetic clips by ``python -m diffusers_ext.training.recipes.tiny_fvdm_shapes``);
+- ``"tiny-slice-prior"``: a 2D prior of 32 x 32 volume slices for 3D inverse problems (``DiffusionMBIRPipeline``:
+  sparse-view and limited-angle CT, through-plane super-resolution; trained on synthetic phantoms and blobs by
+  ``python -m diffusers_ext.training.recipes.tiny_slice_prior``).
 
 Each folder is laid out as a Hub repository (model card, ``training_report.json``, safetensors, and one-line loader
 files that import this package's classes), so it loads like a shared pipeline.
@@ -17,7 +20,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-SHIPPED_MODELS = ("tiny-resshift-sr4", "tiny-mdlm-pydoc", "tiny-fvdm-shapes")
+SHIPPED_MODELS = ("tiny-resshift-sr4", "tiny-mdlm-pydoc", "tiny-fvdm-shapes", "tiny-slice-prior")
 
 
 def shipped_model_path(name: str) -> Path:

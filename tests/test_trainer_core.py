@@ -22,7 +22,13 @@ from tiny_pipelines import TEXT_DIM, stable_diffusion_inputs, tiny_stable_diffus
 
 from diffusers_ext.cli import main as diffusers_ext_main
 from diffusers_ext.training import Trainer, TrainingConfig, latest_checkpoint
-from diffusers_ext.training.cli import TRAINING_METHODS, TrainingMethodEntry, parse_arguments, save_trained_model
+from diffusers_ext.training.cli import (
+    TRAINING_METHODS,
+    TrainingMethodEntry,
+    parse_arguments,
+    save_trained_model,
+    trained_model,
+)
 from diffusers_ext.training.cli import main as train_main
 from diffusers_ext.training.config import CHECKPOINT_RECORD
 from diffusers_ext.training.lora import save_lora_weights
@@ -165,6 +171,43 @@ def test_ema_follows_diffusers_recursion_and_validation_runs_on_it(tmp_path):
         torch.testing.assert_close(value, result.ema_weights[name], rtol=0, atol=0, msg=name)
     assert yaml.safe_load((tmp_path / "validation" / "step-3" / "metrics.json").read_text()) == {
         "validation/score": 0.5}
+
+
+class HeadedEpsilonMSE(RecordingWeights):
+    """A loss that also trains a module of its own (``trainable_modules``), like CREPA's projection head."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(4, 4)
+        self.heads_seen = []
+
+    def trainable_modules(self):
+        return {"head": self.head}
+
+    def loss(self, model, batch, generator):
+        self.heads_seen.append({n: p.detach().clone() for n, p in self.head.named_parameters()})
+        return super().loss(model, batch, generator) + self.head(batch["latents"].mean((-1, -2))).pow(2).mean()
+
+
+def test_a_methods_own_modules_train_with_the_model_and_keep_their_own_ema(tmp_path):
+    decay = 0.2
+    method = HeadedEpsilonMSE()
+    config = TrainingConfig(output_dir=str(tmp_path), max_steps=3, batch_size=4, learning_rate=1e-2, lora_rank=2,
+                            ema_decay=decay)
+    result = Trainer(method, tiny_unet(), latent_data(8), config).train()
+    raw = [*method.heads_seen[1:], {n: p.detach().clone() for n, p in method.head.named_parameters()}]
+    assert (raw[2]["weight"] - method.heads_seen[0]["weight"]).abs().max() > 1e-3  # the optimizer moved the head
+    expected = raw[0]
+    for k, weights in ((2, raw[1]), (3, raw[2])):
+        d = min(decay, k / (k + 9))
+        expected = {n: d * expected[n] + (1 - d) * weights[n] for n in weights}
+    assert set(result.ema_weights) == set(trainable_state(result.model))  # the model's names only
+    assert set(result.method_ema_weights) == {"head"}
+    for name, value in expected.items():
+        torch.testing.assert_close(result.method_ema_weights["head"][name], value, rtol=1e-6, atol=1e-7, msg=name)
+    trained_model(result, method)
+    for name, value in method.head.named_parameters():
+        torch.testing.assert_close(value.detach(), expected[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
 def recorded_gradient_steps(trainer: Trainer) -> list[list[torch.Tensor]]:
@@ -377,8 +420,8 @@ def test_train_command_runs_registered_methods_end_to_end(tmp_path, monkeypatch,
         train_main(["no-such-method"])
     assert exit_info.value.code == 2
     errors = capsys.readouterr().err.replace("'", "")  # Python 3.11 quotes the names, 3.12 does not
-    assert ("invalid choice: no-such-method (choose from ddpo, domainstudio, fvdm, lcm-lora, masked-diffusion-lm, "
-            "restoration, rlcm, smooth-lora, spm, toy-epsilon)") in errors
+    assert ("invalid choice: no-such-method (choose from causal-video, crepa, ddpo, domainstudio, fvdm, lcm-lora, masked-diffusion-lm, "
+            "multiview, restoration, rlcm, smooth-lora, spm, toy-epsilon)") in errors
 
 
 def test_other_diffusers_models_save_their_adapter_in_their_own_lora_format(tmp_path):

@@ -10,12 +10,16 @@ import importlib
 from typing import Any
 
 _MODULES = {
+    "causal_video": ["CausalVideoObjective"],
     "config": ["TrainingConfig", "latest_checkpoint"],
+    "crepa": ["CREPAObjective", "RandomConvFrameEncoder"],
     "ddpo": ["DDIMPolicy", "DDPOObjective"],
+    "denoising": ["DenoisingObjective"],
     "domainstudio": ["DomainStudioObjective", "DomainStudioValidation", "pairwise_diversity"],
     "fvdm": ["BouncingShapes", "FVDMObjective", "ptss_unit_times"],
     "lcm_lora": ["LCMLoRADistillation", "lcm_lora_pipeline", "lcm_lora_sample"],
     "masked_diffusion_lm": ["MaskedDiffusionLMObjective"],
+    "multiview": ["MultiViewObjective", "RenderedShapeViews", "multiview_unet"],
     "paired_restoration": ["PairedRestorationObjective"],
     "policy_gradient": ["PolicyGradientObjective", "RewardNormalizer"],
     "rlcm": ["LCMPolicy", "RLCMObjective"],
@@ -23,6 +27,7 @@ _MODULES = {
     "spm": ["SPMConceptData", "SPMObjective", "SPMTransport", "SPMValidation", "load_spm", "save_spm"],
     "text_data": ["pydoc_paragraphs", "token_chunks", "train_and_held_out", "train_tokenizer"],
     "trainer": ["Trainer", "TrainingMethod", "TrainingResult"],
+    "volume_data": ["VolumeSliceDataset", "held_out_volumes", "random_ellipsoid_phantom", "smoothed_binary_blobs"],
 }
 _LAZY = {name: module for module, names in _MODULES.items() for name in names}
 

@@ -93,6 +93,37 @@ DENOISER_WRITES = ("with lora_rank: the adapter, pytorch_lora_weights.safetensor
                    "without: the whole UNet (UNet2DConditionModel.from_pretrained(folder))")
 
 TRAINING_METHODS: dict[str, TrainingMethodEntry] = {
+    "causal-video": TrainingMethodEntry(
+        build=toy_function("causal_video"),
+        summary="Causal video (Ca2-VDM / ViD-GPT): teacher forcing of a frame-causal video model (toy: bouncing shapes)",
+        description="Ca2-VDM (arXiv 2411.16375) and ViD-GPT (arXiv 2406.10981) make a video model's temporal "
+                    "attention causal and extend a video chunk by chunk, the clean frames so far as context at "
+                    "timestep 0 (their keys and values cached across denoising steps). Training is teacher forcing: "
+                    "clean context frames, then a chunk noised at one timestep, the loss on the chunk only. The toy "
+                    "run: a random two-block Wan transformer (training.fvdm.toy_backbone(seed)) made frame-causal, "
+                    "chunks of 2 frames after 0, 2, 4 or 6 context frames of 8-frame 16 x 16 RGB bouncing-shapes "
+                    "clips, flow matching, unconditional.",
+        writes={"final/": "without lora_rank: the WanTransformer3DModel (from_pretrained(folder)); with it: the "
+                          "adapter (toy_backbone(seed).load_lora_adapter(folder, prefix=None)); sample with "
+                          "CausalVideoPipeline(model, FrameAwareFlowMatchScheduler()), which makes it causal for each "
+                          "call: chunk_frames=2, height=width=16 (diffusers-ext video extend once saved with "
+                          "save_for_hub)"},
+        fixed=WITHOUT_VALIDATION),
+    "crepa": TrainingMethodEntry(
+        build=toy_function("crepa"),
+        summary="CREPA: LoRA fine-tuning, hidden states aligned to frozen features of each frame and its neighbours",
+        description="CREPA (arXiv 2506.09229) adds to a video model's diffusion loss the alignment (cosine, through a "
+                    "trained projection head) of one block's hidden states with a frozen image encoder's features of "
+                    "the same frame and of its neighbours, weighted exp(-|k - f| / tau). The toy run: lambda 0.5, "
+                    "tau 1, neighbours at distance 1, block len(blocks) // 4, a fixed random conv net as the encoder "
+                    "(training.crepa.RandomConvFrameEncoder), over the fvdm toy run's loss (the random two-block Wan "
+                    "transformer training.fvdm.toy_backbone(seed), 1024 bouncing-shapes clips of 8 frames of 16 x 16 "
+                    "RGB pixels, flow matching, unconditional). The projection head is used in training only.",
+        writes={"final/": "with lora_rank (default 8): the adapter (toy_backbone(seed).load_lora_adapter(folder, "
+                          "prefix=None)); without: the WanTransformer3DModel (from_pretrained(folder)); sample as the "
+                          "fvdm run's"},
+        defaults={"lora_rank": 8},
+        fixed=WITHOUT_VALIDATION),
     "ddpo": TrainingMethodEntry(
         build=toy_function("ddpo"),
         summary="DDPO: PPO over DDIM sampling steps for any reward (toy: JPEG compressibility)",
@@ -150,6 +181,22 @@ TRAINING_METHODS: dict[str, TrainingMethodEntry] = {
                 "final/": "without lora_rank: the model (BertForMaskedLM.from_pretrained(folder)); with it: the PEFT "
                           "adapter (PeftModel.from_pretrained); for MaskedDiffusionLMPipeline"},
         fixed=WITHOUT_VALIDATION),
+    "multiview": TrainingMethodEntry(
+        build=toy_function("multiview"),
+        summary="MVDream: a 2D UNet made multi-view (toy: 4 views of random coloured shapes)",
+        description="MVDream (arXiv 2308.16512) makes a 2D text-to-image UNet multi-view: self-attention across "
+                    "the views of one object and a camera embedding added to the timestep embedding, fine-tuned on "
+                    "rendered views with 2D batches mixed in (probability 0.3). The toy run: a random tiny "
+                    "pixel-space UNet (training.multiview.toy_unet(seed)) made multi-view for 4 views, a LoRA "
+                    "adapter on its attention (rank 8 by default; lora_rank none: the whole UNet) and the camera "
+                    "MLP trained, on 1024 random shapes rendered from orbits at 16 x 16 pixels "
+                    "(training.multiview.RenderedShapeViews), DDPM epsilon, unconditional.",
+        writes={"final/": "with lora_rank: the UNet's adapter, pytorch_lora_weights.safetensors "
+                          "(MultiViewDiffusionPipeline's load_lora_weights); without: the UNet in unet/; and the "
+                          "camera MLP in camera_embedding/ (CameraEmbedding.from_pretrained)"},
+        defaults={"lora_rank": 8},
+        fixed=WITHOUT_VALIDATION,
+        save=toy_function("multiview", "save_multiview_weights")),
     "restoration": TrainingMethodEntry(
         build=toy_function("paired_restoration"),
         summary="ResShift image restoration on paired data (toy: denoising photo patches)",
@@ -389,10 +436,15 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, 
     return args, run_config(args)
 
 
-def trained_model(result: Any) -> Any:
-    """The trained model with its EMA weights loaded, if the run kept an EMA."""
+def trained_model(result: Any, method: Any = None) -> Any:
+    """The trained model with its EMA weights loaded, if the run kept an EMA (and the EMA of ``method``'s
+    ``trainable_modules()``, such as a camera MLP or a projection head, loaded into them)."""
     if result.ema_weights is not None:
         result.model.load_state_dict(result.ema_weights, strict=False)
+    if result.method_ema_weights:
+        modules = method.trainable_modules()
+        for name, weights in result.method_ema_weights.items():
+            modules[name].load_state_dict(weights, strict=False)
     return result.model
 
 
@@ -437,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     result = trainer.train()
     if trainer.accelerator.is_main_process:
         save = entry.save or save_trained_model
-        folder = save(trained_model(result), Path(config.output_dir) / FINAL_FOLDER, method_name=method.name,
+        folder = save(trained_model(result, method), Path(config.output_dir) / FINAL_FOLDER, method_name=method.name,
                       config=config, dataset=dataset)
         last_loss = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
         print(f"trained {method.name} to step {result.step}{last_loss}; weights in {folder}")
