@@ -146,5 +146,6 @@ def test_the_causal_demo_writes_its_gifs_and_figures(tmp_path):
     scores = run_causal_video_demo(tmp_path, pipe=pipe, num_clips=1, num_frames=6, long_frames=8, max_cache_frames=2,
                                    num_inference_steps=1, shown=1)
     assert set(scores) == {"model", "last given frame held still"} and all(v > 0 for v in scores.values())
-    assert len(gif_frames(tmp_path / "causal_extension.gif")) == 6 and len(gif_frames(tmp_path / "causal_long_video.gif")) == 8
+    assert len(gif_frames(tmp_path / "causal_extension.gif")) == 6
+    assert len(gif_frames(tmp_path / "causal_long_video.gif")) == 8
     assert "the given causal model" in (tmp_path / "causal_video.txt").read_text()

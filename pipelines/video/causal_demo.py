@@ -101,8 +101,9 @@ def run_causal_video_demo(output: Path, pipe: CausalVideoPipeline | None = None,
     """Writes ``causal_extension.gif`` (held-out clips' first ``given_frames`` frames extended to ``num_frames`` by
     the model, above the held-out clips themselves), ``causal_long_video.gif`` (extended to ``long_frames``) and
     ``causal_video.txt``: the mean squared error of the new frames to the held-out ones, next to the last given frame
-    held still. The KV cache keeps the newest ``max_cache_frames`` frames (the fine-tune's longest context). ``pipe``: by default the shipped model
-    fine-tuned into a causal one here (``causal_finetune_of_the_shipped_model(finetune_steps)``)."""
+    held still. The KV cache keeps the newest ``max_cache_frames`` frames (the fine-tune's longest context).
+    ``pipe``: by default the shipped model fine-tuned into a causal one here
+    (``causal_finetune_of_the_shipped_model(finetune_steps)``)."""
     output.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     model_text = "the given causal model"
