@@ -6,24 +6,19 @@ The oracle. ``VideoGaussianMixtureDenoiser`` gives every frame its own noise lev
 timestep 0 are exact observations and its prediction for the chunk is the exact posterior mean given the context and
 the noisy chunk. The AR(1) law is stationary, so the law of any ``n`` consecutive frames is the law of frames
 ``0 .. n-1``: ``AnyLengthOracle`` answers for the ``n`` frames it is given with the ``n``-frame law. The oracle has no
-attention, so the pipeline runs it uncached (``use_cache=False``: the whole context at every step) and the
-causal-attention set-up, which masks attention the oracle does not have, is skipped for it (``oracle_pipeline``).
-The pipeline's chunk loop is what is tested: context kept clean at the clean level, each chunk's noise, plan and
+attention (nothing to cache or mask), so the pipeline runs it uncached (``use_cache=False``: the whole context at
+every step). The pipeline's chunk loop is what is tested: context kept clean at the clean level, each chunk's noise, plan and
 scheduler steps, and the concatenation. Chunk by chunk with exact conditionals, the video's law is the joint law
 ``p(x_0..x_F) = prod_c p(chunk_c | chunks before)``, for any length.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 import torch
 
-from diffusers_ext.pipelines.video import pipeline_causal
 from diffusers_ext.pipelines.video.pipeline_causal import CausalVideoPipeline
-from diffusers_ext.pipelines.video.pipeline_frame_aware import FrameAwareVideoPipeline
 from diffusers_ext.schedulers import FrameAwareFlowMatchScheduler
 from diffusers_ext.testing import VideoGaussianMixtureDenoiser
 from diffusers_ext.testing.metrics import SlicedWasserstein2
@@ -38,7 +33,6 @@ class AnyLengthOracle(VideoGaussianMixtureDenoiser):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.register_to_config(in_channels=self.sample_shape[0])  # the channels a pipeline allocates
         self.shorter: dict[int, VideoGaussianMixtureDenoiser] = {}
 
     def forward(self, sample, timestep, return_dict=True):
@@ -46,20 +40,15 @@ class AnyLengthOracle(VideoGaussianMixtureDenoiser):
         if frames == self.config.num_frames:
             return super().forward(sample, timestep, return_dict)
         if frames not in self.shorter:
-            settings = {key: value for key, value in self.config.items()
-                        if not key.startswith("_") and key != "in_channels"}
+            settings = {key: value for key, value in self.config.items() if not key.startswith("_")}
             self.shorter[frames] = VideoGaussianMixtureDenoiser(**(settings | {"num_frames": frames}))
         return self.shorter[frames](sample, timestep, return_dict)
 
 
-def oracle_pipeline(law: dict, monkeypatch) -> CausalVideoPipeline:
+def oracle_pipeline(law: dict) -> CausalVideoPipeline:
     scheduler = FrameAwareFlowMatchScheduler()
     oracle = AnyLengthOracle(**law, num_frames=NUM_FRAMES, scheduler_config=scheduler.config)
-    # The oracle has no attention to make causal: the pipeline's causal-attention calls are no-ops for it.
-    monkeypatch.setattr(pipeline_causal, "is_causal_attention_enabled", lambda model: True)
-    monkeypatch.setattr(pipeline_causal, "causal_attention_context", lambda *args, **kwargs: contextlib.nullcontext())
-    pipe = CausalVideoPipeline.__new__(CausalVideoPipeline)
-    FrameAwareVideoPipeline.__init__(pipe, oracle, scheduler)  # CausalVideoPipeline's own __init__ takes Wan only
+    pipe = CausalVideoPipeline(oracle, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -101,12 +90,12 @@ def seam_statistics(video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.effect
-def test_chunked_generation_reproduces_the_joint_law_far_past_the_first_chunk(monkeypatch):
+def test_chunked_generation_reproduces_the_joint_law_far_past_the_first_chunk():
     """12 frames in 6 chunks of 2, 50 Euler steps a chunk, 500 videos. Measured (seeds 0-2 of the pipeline's noise):
     sliced W2 of the last 4 frames 0.050-0.061 against a floor of 0.075, of all 12 frames 0.048-0.061 against 0.066
     (at 30 steps the worst seed was 0.066 against 0.066: Euler's bias); chunks drawn independently of their context
     (every frame's marginal kept) score 0.19 on all 12 frames."""
-    video = chunked_video(oracle_pipeline(LAW, monkeypatch), STEPS)
+    video = chunked_video(oracle_pipeline(LAW), STEPS)
     assert video.shape == (NUM_SAMPLES, 1, NUM_FRAMES, 2, 2)
     for first, last in ((NUM_FRAMES - 4, NUM_FRAMES), (0, NUM_FRAMES)):
         distance, floor = distance_and_floor(video, LAW, first, last)
