@@ -8,8 +8,8 @@ the noisy chunk. The AR(1) law is stationary, so the law of any ``n`` consecutiv
 ``0 .. n-1``: ``AnyLengthOracle`` answers for the ``n`` frames it is given with the ``n``-frame law. The oracle has no
 attention (nothing to cache or mask), so the pipeline runs it uncached (``use_cache=False``: the whole context at
 every step). The pipeline's chunk loop is what is tested: context kept clean at the clean level, each chunk's noise,
-plan and scheduler steps, and the concatenation. Chunk by chunk with exact conditionals, the video's law is the joint law
-``p(x_0..x_F) = prod_c p(chunk_c | chunks before)``, for any length.
+plan and scheduler steps, and the concatenation. Chunk by chunk with exact conditionals, the video's law is the
+joint law ``p(x_0..x_F) = prod_c p(chunk_c | chunks before)``, for any length.
 """
 
 from __future__ import annotations
