@@ -769,8 +769,9 @@ def build_parser() -> argparse.ArgumentParser:
         if task == "extend":
             task_parser.add_argument("--chunk-frames", type=positive_int,
                                      help=f"with a CausalVideoPipeline --model: frames added per chunk (default: "
-                                          f"{CAUSAL_CHUNK_FRAMES}, or the VAE's temporal compression if more); --context-frames then bounds the latent frames "
-                                          "of context it keeps (default: all)")
+                                          f"{CAUSAL_CHUNK_FRAMES}, or the VAE's temporal compression if more); "
+                                          "--context-frames then bounds the latent frames of context it keeps "
+                                          "(default: all)")
         task_parser.add_argument("--window", type=positive_int,
                                  help="frames per model call; longer videos roll the window (default: the clips the "
                                       "model was trained on where its training report says, 8 for the shipped one; "

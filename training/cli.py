@@ -95,7 +95,7 @@ DENOISER_WRITES = ("with lora_rank: the adapter, pytorch_lora_weights.safetensor
 TRAINING_METHODS: dict[str, TrainingMethodEntry] = {
     "causal-video": TrainingMethodEntry(
         build=toy_function("causal_video"),
-        summary="Causal video (Ca2-VDM / ViD-GPT): teacher forcing of a frame-causal video model (toy: bouncing shapes)",
+        summary="Causal video (Ca2-VDM / ViD-GPT): teacher forcing of a frame-causal video model (toy: shapes)",
         description="Ca2-VDM (arXiv 2411.16375) and ViD-GPT (arXiv 2406.10981) make a video model's temporal "
                     "attention causal and extend a video chunk by chunk, the clean frames so far as context at "
                     "timestep 0 (their keys and values cached across denoising steps). Training is teacher forcing: "

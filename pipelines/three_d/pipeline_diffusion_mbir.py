@@ -26,8 +26,9 @@ step (the authors' code keeps them for the whole run), one pair per axis:
 
 (``pipelines/three_d/admm_tv.py``). With ``lambda_tv = 0`` there is no TV prior: the update is ``cg_iterations`` of CG
 on ``A^T A u = A^T y`` from the diffusion's ``u`` (slice-wise data consistency, the paper's ablation without the
-z-TV). The paper's defaults are ``rho = 10``, ``lambda = 0.04``, one ADMM iteration with one CG iteration per step,
-for its operator's scale and 2000 steps. ``rho`` has to match the scale of ``A^T A`` (about ``num_views * size`` for
+z-TV). The paper uses ``rho = 10``, ``lambda = 0.04``, one ADMM iteration with one CG iteration per step, for its
+operator's scale and 2000 steps. The defaults here, ``rho = 10``, ``lambda_tv = 1``, are the best found for 8-view
+CT with ``ParallelBeamProjection`` at 50 steps (``volume_demo.TASKS`` holds those for the other operators). ``rho`` has to match the scale of ``A^T A`` (about ``num_views * size`` for
 ``ParallelBeamProjection``, 1 for ``ThroughPlaneDownsampling`` and masks): the carried ``z`` holds the slice
 differences of the previous, noisier state, and with a ``rho`` far above ``A^T A``'s scale the CG step pulls the new
 state back to them, which with tens of steps rather than thousands makes the reconstruction diverge (measured on the
@@ -53,8 +54,9 @@ from ...diffusion_math import alpha_sigma_function, noise_path_from_scheduler_co
 from .admm_tv import ADMMTVState, admm_tv_update, conjugate_gradient
 
 OUTPUT_TYPES = ("np", "pt", "montage")
-# The paper's settings (the authors' AAPM sparse-view script: lamb = 0.04, rho = 10, one ADMM and one CG iteration).
-PAPER_RHO, PAPER_LAMBDA_TV = 10.0, 0.04
+# 8-view CT's settings, chosen on a training phantom at 50 steps (volume_demo.TASKS). The authors' script's
+# lamb = 0.04, rho = 10 are for their back-projector's scale and 2000 steps.
+DEFAULT_RHO, DEFAULT_LAMBDA_TV = 10.0, 1.0
 
 
 @dataclass
@@ -228,8 +230,8 @@ class DiffusionMBIRPipeline(DiffusionPipeline):
         operator: Any,
         volume_shape: Sequence[int],
         num_inference_steps: int = 50,
-        rho: float = PAPER_RHO,
-        lambda_tv: float = PAPER_LAMBDA_TV,
+        rho: float = DEFAULT_RHO,
+        lambda_tv: float = DEFAULT_LAMBDA_TV,
         admm_iterations: int = 1,
         cg_iterations: int = 1,
         axis: int = 0,
