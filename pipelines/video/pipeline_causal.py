@@ -227,26 +227,12 @@ class CausalVideoPipeline(FrameAwareVideoPipeline):
         latent_frames, chunk_latent_frames = self.check_causal_inputs(
             num_frames, chunk_frames, image, video, max_cache_frames, context_policy, frames_per_block, use_cache,
             output_type, guidance_scale)
-        callback_tensor_inputs = list(callback_on_step_end_tensor_inputs)
-        unknown = set(callback_tensor_inputs) - set(self._callback_tensor_inputs)
-        if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs must be among {self._callback_tensor_inputs}, got "
-                             f"{sorted(unknown)}")
+        callback_tensor_inputs = self.check_callback_tensor_inputs(callback_on_step_end_tensor_inputs)
         height, width = self._frame_size(height, width)
         device, dtype = self._execution_device, self.transformer.dtype
 
-        prompts = 1 if prompt_embeds is not None or not isinstance(prompt, list) else len(prompt)
-        if prompt_embeds is not None:
-            prompts = prompt_embeds.shape[0]
-        batch = prompts * num_videos_per_prompt
-        if prompt_embeds is None:
-            prompt_embeds = self.encode_prompt(prompt, prompts, device, dtype)
-        embeds = {"prompt_embeds": prompt_embeds.repeat_interleave(num_videos_per_prompt, dim=0).to(device)}
-        if guidance_scale > 1:
-            if negative_prompt_embeds is None:
-                negative_prompt_embeds = self.encode_prompt(negative_prompt, prompts, device, dtype)
-            embeds = {"negative_prompt_embeds": negative_prompt_embeds.repeat_interleave(num_videos_per_prompt, 0)
-                      .to(device), **embeds}
+        batch, embeds = self.named_prompt_embeds(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
+                                                 num_videos_per_prompt, guidance_scale, device, dtype)
         stacked = torch.cat(list(embeds.values()))
 
         # The exact test oracle has no in_channels; it names the clip shape it takes.

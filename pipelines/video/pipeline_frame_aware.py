@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,6 +178,32 @@ class FrameAwareVideoPipeline(DiffusionPipeline):
         embeds = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
         return (embeds * mask[..., None]).to(dtype)
 
+    def named_prompt_embeds(self, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
+                            num_videos_per_prompt: int, guidance_scale: float, device: torch.device,
+                            dtype: torch.dtype) -> tuple[int, dict[str, torch.Tensor]]:
+        """The batch size (prompts x videos per prompt) and the text embeddings by their callback names, the negative
+        prompt's first under classifier-free guidance (``guidance_scale > 1``), the order the backbone's batch takes."""
+        prompts = 1 if prompt_embeds is not None or not isinstance(prompt, list) else len(prompt)
+        if prompt_embeds is not None:
+            prompts = prompt_embeds.shape[0]
+        if prompt_embeds is None:
+            prompt_embeds = self.encode_prompt(prompt, prompts, device, dtype)
+        embeds = {"prompt_embeds": prompt_embeds.repeat_interleave(num_videos_per_prompt, dim=0).to(device)}
+        if guidance_scale > 1:
+            if negative_prompt_embeds is None:
+                negative_prompt_embeds = self.encode_prompt(negative_prompt, prompts, device, dtype)
+            embeds = {"negative_prompt_embeds": negative_prompt_embeds.repeat_interleave(num_videos_per_prompt, 0)
+                      .to(device), **embeds}
+        return prompts * num_videos_per_prompt, embeds
+
+    def check_callback_tensor_inputs(self, names: Sequence[str]) -> list[str]:
+        """``callback_on_step_end_tensor_inputs`` as a list; a ``ValueError`` for a name the loop does not have."""
+        unknown = set(names) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs must be among {self._callback_tensor_inputs}, got "
+                             f"{sorted(unknown)}")
+        return list(names)
+
     def _encode_frames(self, frames: Mapping[int, Any], height: int, width: int, batch_size: int,
                        like: torch.Tensor) -> dict[int, torch.Tensor]:
         """Each given frame as a clean latent frame ``(batch_size, C, h, w)``."""
@@ -311,29 +337,15 @@ class FrameAwareVideoPipeline(DiffusionPipeline):
             backbone_kwargs: passed to the backbone (e.g. LTX-Video's ``rope_interpolation_scale``).
         """
         num_latent_frames = latent_frame_count(num_frames, self.temporal_compression)
-        callback_tensor_inputs = list(callback_on_step_end_tensor_inputs)
-        unknown = set(callback_tensor_inputs) - set(self._callback_tensor_inputs)
-        if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs must be among {self._callback_tensor_inputs}, got "
-                             f"{sorted(unknown)}")
+        callback_tensor_inputs = self.check_callback_tensor_inputs(callback_on_step_end_tensor_inputs)
         self.check_inputs(num_latent_frames, plan, conditioning_frames, window_frames, context_frames, output_type,
                           guidance_scale)
         height, width = self._frame_size(height, width)
         window = window_frames or num_latent_frames
         device, dtype = self._execution_device, self.transformer.dtype
 
-        prompts = 1 if prompt_embeds is not None or not isinstance(prompt, list) else len(prompt)
-        if prompt_embeds is not None:
-            prompts = prompt_embeds.shape[0]
-        batch = prompts * num_videos_per_prompt
-        if prompt_embeds is None:
-            prompt_embeds = self.encode_prompt(prompt, prompts, device, dtype)
-        embeds = {"prompt_embeds": prompt_embeds.repeat_interleave(num_videos_per_prompt, dim=0).to(device)}
-        if guidance_scale > 1:
-            if negative_prompt_embeds is None:
-                negative_prompt_embeds = self.encode_prompt(negative_prompt, prompts, device, dtype)
-            embeds = {"negative_prompt_embeds": negative_prompt_embeds.repeat_interleave(num_videos_per_prompt, 0)
-                      .to(device), **embeds}
+        batch, embeds = self.named_prompt_embeds(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
+                                                 num_videos_per_prompt, guidance_scale, device, dtype)
         stacked = torch.cat(list(embeds.values()))
 
         # The exact test oracle has no in_channels; it names the clip shape it takes.
