@@ -238,11 +238,19 @@ class FrameAwareVideoPipeline(DiffusionPipeline):
 
     def _predict(self, latents: torch.Tensor, levels: torch.Tensor, embeds: torch.Tensor, guidance_scale: float,
                  backbone_kwargs: dict) -> torch.Tensor:
+        return self._guided_prediction(per_frame_prediction, self.transformer, latents, levels, embeds,
+                                       guidance_scale, backbone_kwargs)
+
+    def _guided_prediction(self, predict: Callable[..., torch.Tensor], model: torch.nn.Module, latents: torch.Tensor,
+                           levels: torch.Tensor, embeds: torch.Tensor, guidance_scale: float,
+                           backbone_kwargs: dict) -> torch.Tensor:
+        """``predict(model, latents, frame_timesteps, embeds)`` with classifier-free guidance over the stacked
+        (negative, positive) embeddings when ``guidance_scale > 1``."""
         timesteps = self.scheduler.timesteps_from_noise_levels(levels).to(latents.device)
         batch = latents.shape[0]
         copies = 2 if guidance_scale > 1 else 1
-        prediction = per_frame_prediction(self.transformer, torch.cat([latents] * copies).to(self.transformer.dtype),
-                                          timesteps.expand(batch * copies, -1), embeds, **backbone_kwargs)
+        prediction = predict(model, torch.cat([latents] * copies).to(model.dtype),
+                             timesteps.expand(batch * copies, -1), embeds, **backbone_kwargs)
         if copies == 2:
             unconditional, conditional = prediction.chunk(2)
             prediction = unconditional + guidance_scale * (conditional - unconditional)

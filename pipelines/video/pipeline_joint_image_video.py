@@ -195,16 +195,8 @@ class JointImageVideoPipeline(FrameAwareVideoPipeline):
     def _predict(self, latents, levels, embeds, guidance_scale, backbone_kwargs):
         if next(self._next_denoiser) == "video":
             return super()._predict(latents, levels, embeds, guidance_scale, backbone_kwargs)
-        timesteps = self.scheduler.timesteps_from_noise_levels(levels).to(latents.device)
-        batch = latents.shape[0]
-        copies = 2 if guidance_scale > 1 else 1
-        model = self.image_transformer
-        prediction = image_prediction(model, torch.cat([latents] * copies).to(model.dtype),
-                                      timesteps.expand(batch * copies, -1), embeds, **backbone_kwargs)
-        if copies == 2:
-            unconditional, conditional = prediction.chunk(2)
-            prediction = unconditional + guidance_scale * (conditional - unconditional)
-        return prediction.to(latents.dtype)
+        return self._guided_prediction(image_prediction, self.image_transformer, latents, levels, embeds,
+                                       guidance_scale, backbone_kwargs)
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, *,
