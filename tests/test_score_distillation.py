@@ -92,6 +92,14 @@ def test_distillation_on_the_oracle_recovers_the_target_shape(method):
     assert voxel_iou(output.representation.occupancy(), target.occupancy()) >= 0.8
 
 
+def test_a_result_without_a_surface_keeps_its_grid_and_writes_no_turntable(tmp_path):
+    distillation = oracle_distillation("sds")
+    with pytest.raises(ValueError, match="empty"):
+        distillation("", VoxelGrid(resolution=6), num_iterations=1, views_per_iteration=2, height=SIZE, width=SIZE,
+                     learning_rate=0.0, output_dir=tmp_path, show_progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["representation"]
+
+
 def test_same_seed_same_result_and_outputs_written(tmp_path):
     distillation = oracle_distillation("sdi", inversion_steps=2)
     runs = [distillation("", VoxelGrid(resolution=6), num_iterations=3, views_per_iteration=2, height=SIZE,
@@ -108,7 +116,9 @@ def test_same_seed_same_result_and_outputs_written(tmp_path):
     assert calls == [(i, "VoxelGrid", loss) for i, loss in enumerate(output.losses)]
     assert output.mesh_path == tmp_path / "mesh.ply" and output.turntable_path == tmp_path / "turntable.gif"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000001", "checkpoint-000002", "mesh.ply",
-                                                          "turntable.gif"]
+                                                          "representation", "turntable.gif"]
+    torch.testing.assert_close(VoxelGrid.from_pretrained(tmp_path / "representation").raw_density,
+                               output.representation.raw_density, rtol=0, atol=0)
     loaded = VoxelGrid.from_pretrained(tmp_path / "checkpoint-000002")
     assert (tmp_path / "checkpoint-000002").stat().st_mode & 0o777 == 0o777 & ~current_umask()
     assert torch.equal(loaded.raw_density, output.representation.raw_density)
@@ -192,7 +202,7 @@ def test_distill_command_writes_mesh_and_turntable(tmp_path, saved_sd_pipeline):
                  "--iterations", "2", "--views", "2", "--size", "8", "--resolution", "6", "--mesh-format", "ply",
                  "--turntable-frames", "3", "--turntable-size", "16"])
     assert code == 0
-    assert sorted(p.name for p in output.iterdir()) == ["mesh.ply", "turntable.gif"]
+    assert sorted(p.name for p in output.iterdir()) == ["mesh.ply", "representation", "turntable.gif"]
     assert DISTILL_MESH_FORMATS == MESH_FORMATS
 
 

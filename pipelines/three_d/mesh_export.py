@@ -74,6 +74,15 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> 
     return path
 
 
+def import_trimesh():
+    """trimesh, or one clear ``ImportError`` naming the extra that installs it."""
+    try:
+        import trimesh
+    except ImportError as error:
+        raise ImportError("mesh export needs trimesh: pip install 'diffusers-ext[three_d]'") from error
+    return trimesh
+
+
 def export_mesh(representation: VoxelGrid, path: str | os.PathLike, threshold: float | None = None) -> Path:
     """Writes the representation's surface (``extract_mesh``) with vertex colours to ``path``, a .glb, .ply or .obj
     file chosen by its suffix. Needs trimesh (``pip install diffusers-ext[three_d]``)."""
@@ -81,10 +90,7 @@ def export_mesh(representation: VoxelGrid, path: str | os.PathLike, threshold: f
     suffix = path.suffix.lower().lstrip(".")
     if suffix not in MESH_FORMATS:
         raise ValueError(f"path must end in one of {['.' + f for f in MESH_FORMATS]}, got {path.name!r}")
-    try:
-        import trimesh
-    except ImportError as error:
-        raise ImportError("mesh export needs trimesh: pip install 'diffusers-ext[three_d]'") from error
+    trimesh = import_trimesh()
     vertices, faces, colours = extract_mesh(representation, threshold)
     rgba = np.concatenate([colours, np.ones_like(colours[:, :1])], axis=1)
     mesh = trimesh.Trimesh(vertices=vertices, faces=faces, vertex_colors=(rgba * 255).round().astype(np.uint8),

@@ -137,8 +137,8 @@ class TextToImagePrior:
         if self.image_size is not None:
             images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
                                    align_corners=False)
-        latents = vae.encode((2 * images - 1).to(vae.dtype)).latent_dist.mean
-        return latents * vae.config.scaling_factor
+        latents = vae.encode((2 * images - 1).to(vae.device, vae.dtype)).latent_dist.mean
+        return (latents * vae.config.scaling_factor).to(images.device)
 
     @torch.no_grad()
     def _prompt_embeddings(self, prompt: str) -> tuple[torch.Tensor, ...]:
@@ -169,20 +169,20 @@ class TextToImagePrior:
         uncond = torch.cat([e[0] for e in embeddings])
         cond = torch.cat([e[1] for e in embeddings])
         unet = self.pipeline.unet
-        model_input = torch.cat([samples, samples]).to(unet.dtype)
+        # The representation and its renders may live elsewhere (the CPU) than the pipeline (a GPU).
+        doubled = torch.cat([samples, samples]).to(unet.device)
         kwargs = {}
         if self.is_sdxl:
             pooled = torch.cat([torch.cat([e[2] for e in embeddings]), torch.cat([e[3] for e in embeddings])])
             kwargs["added_cond_kwargs"] = self._sdxl_conditioning(pooled, *samples.shape[-2:])
-        output = unet(model_input, torch.cat([timesteps, timesteps]), encoder_hidden_states=torch.cat([uncond, cond]),
-                      **kwargs).sample.to(samples.dtype)
-        alpha, sigma = (v.to(samples.dtype)[:, None, None, None] for v in vp_alpha_sigma(timesteps,
-                                                                                         self.alphas_cumprod))
-        doubled = torch.cat([samples, samples])
+        output = unet(doubled.to(unet.dtype), torch.cat([timesteps, timesteps]).to(unet.device),
+                      encoder_hidden_states=torch.cat([uncond, cond]), **kwargs).sample.to(samples.dtype)
+        alpha, sigma = (v.to(unet.device, samples.dtype)[:, None, None, None]
+                        for v in vp_alpha_sigma(timesteps.cpu(), self.alphas_cumprod))
         _, eps = x0_and_eps_from_prediction(output, doubled, alpha.repeat(2, 1, 1, 1), sigma.repeat(2, 1, 1, 1),
                                             self.prediction_type)
         eps_uncond, eps_cond = eps.chunk(2)
-        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+        return (eps_uncond + guidance_scale * (eps_cond - eps_uncond)).to(samples.device)
 
 
 class MultiViewPrior:
@@ -206,7 +206,8 @@ class MultiViewPrior:
         vae = self.pipeline.vae
         if vae is None:
             return 2 * images - 1
-        return vae.encode((2 * images - 1).to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+        latents = vae.encode((2 * images - 1).to(vae.device, vae.dtype)).latent_dist.mean
+        return (latents * vae.config.scaling_factor).to(images.device)
 
     @torch.no_grad()
     def __call__(self, samples, timesteps, cameras, prompts, guidance_scale):
@@ -215,17 +216,19 @@ class MultiViewPrior:
                              f"{samples.shape[0]} samples")
         pipeline, count = self.pipeline, samples.shape[0]
         unet = pipeline.unet
-        cond = pipeline.encode_prompt(list(prompts) if any(prompts) else None, count, samples.device, unet.dtype)
-        uncond = (pipeline.encode_prompt([""] * count, count, samples.device, unet.dtype)
+        device = unet.device  # the renders may live elsewhere (the CPU)
+        cond = pipeline.encode_prompt(list(prompts) if any(prompts) else None, count, device, unet.dtype)
+        uncond = (pipeline.encode_prompt([""] * count, count, device, unet.dtype)
                   if pipeline.text_encoder is not None else torch.zeros_like(cond))
-        output = unet(torch.cat([samples, samples]).to(unet.dtype), torch.cat([timesteps, timesteps]),
-                      encoder_hidden_states=torch.cat([uncond, cond]), cameras=torch.cat([cameras, cameras]).float(),
-                      return_dict=False)[0].to(samples.dtype)
-        alpha, sigma = (v.to(samples.dtype)[:, None, None, None].repeat(2, 1, 1, 1)
-                        for v in vp_alpha_sigma(timesteps, self.alphas_cumprod))
-        _, eps = x0_and_eps_from_prediction(output, torch.cat([samples, samples]), alpha, sigma, self.prediction_type)
+        doubled = torch.cat([samples, samples]).to(device)
+        output = unet(doubled.to(unet.dtype), torch.cat([timesteps, timesteps]).to(device),
+                      encoder_hidden_states=torch.cat([uncond, cond]),
+                      cameras=torch.cat([cameras, cameras]).to(device, torch.float32), return_dict=False)[0]
+        alpha, sigma = (v.to(device, samples.dtype)[:, None, None, None].repeat(2, 1, 1, 1)
+                        for v in vp_alpha_sigma(timesteps.cpu(), self.alphas_cumprod))
+        _, eps = x0_and_eps_from_prediction(output.to(samples.dtype), doubled, alpha, sigma, self.prediction_type)
         eps_uncond, eps_cond = eps.chunk(2)
-        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+        return (eps_uncond + guidance_scale * (eps_cond - eps_uncond)).to(samples.device)
 
 
 def view_dependent_prompt(prompt: str, azimuth: float, elevation: float) -> str:
@@ -407,10 +410,12 @@ class ScoreDistillation:
                              f"{self.views_per_object} views per object, got {views_per_iteration}")
         if checkpoint_every is not None and (output_dir is None or checkpoint_every < 1):
             raise ValueError("checkpoint_every needs an output_dir and must be a positive int")
-        from .mesh_export import MESH_FORMATS
+        from .mesh_export import MESH_FORMATS, import_trimesh
 
         if mesh_format not in MESH_FORMATS:
             raise ValueError(f"mesh_format must be one of {MESH_FORMATS}, got {mesh_format!r}")
+        if output_dir is not None:
+            import_trimesh()  # before the optimisation, not after it
         representation = representation if representation is not None else density_blob(resolution)
         optimizer = torch.optim.Adam(representation.parameters(), lr=learning_rate)
         output_dir = Path(output_dir) if output_dir is not None else None
@@ -437,9 +442,12 @@ class ScoreDistillation:
         if output_dir is not None:
             from .mesh_export import export_mesh, export_turntable
 
+            # The grid first, so that a surface-less result (an empty mesh raises) still leaves the optimised grid;
+            # the mesh before the turntable, so that it does not leave a turntable of nothing.
+            save_checkpoint(representation, output_dir / "representation")
+            output.mesh_path = export_mesh(representation, output_dir / f"mesh.{mesh_format}")
             turntable = {"background": background} | (turntable_kwargs or {})
             output.turntable_path = export_turntable(representation, output_dir / "turntable.gif", **turntable)
-            output.mesh_path = export_mesh(representation, output_dir / f"mesh.{mesh_format}")
         return output
 
 
@@ -487,6 +495,7 @@ def distill_pretrained(prompt: str, pipeline_path: str | os.PathLike, output_dir
     from diffusers import DiffusionPipeline
 
     pipeline = DiffusionPipeline.from_pretrained(pipeline_path)
+    pipeline.to("cuda" if torch.cuda.is_available() else "cpu")  # the prior's calls are the cost; the grid stays put
     pipeline.set_progress_bar_config(disable=True)
     distillation = ScoreDistillation(TextToImagePrior(pipeline, image_size), method=method,
                                      guidance_scale=guidance_scale)
