@@ -22,7 +22,7 @@ from .components import COMPONENTS, components_markdown_table, list_components
 
 # The restored image is computed at full output resolution; the shipped model needs about 1.6 GB per megapixel.
 MAX_RESTORE_PIXELS = 2048 * 2048
-DEMO_PARTS = ("samplers", "steering", "text", "restoration", "video", "3d_inverse")
+DEMO_PARTS = ("samplers", "steering", "text", "restoration", "video", "3d", "3d_inverse")
 
 
 def _list(args: argparse.Namespace) -> None:
@@ -121,6 +121,11 @@ def _demo(args: argparse.Namespace) -> None:
             from .pipelines.restoration.demo import run_restoration_demo
 
             run_restoration_demo(output / "restoration")
+        elif part == "3d":
+            print("Score distillation (SDS, SDI) to meshes and multi-view sampling, on exact 3D oracles\n")
+            from .pipelines.three_d.demo import run_3d_demo
+
+            run_3d_demo(output / "3d")
         elif part == "3d_inverse":
             print("The shipped tiny slice prior with DiffusionMBIR: held-out volumes from 8 CT views, a 90-degree "
                   "wedge and every 4th slice, next to FBP / interpolation and the slice-wise ablation\n")
@@ -133,6 +138,11 @@ def _demo(args: argparse.Namespace) -> None:
             from .pipelines.video.demo import run_video_demo
 
             run_video_demo(output / "video")
+            print("\nThe shipped tiny causal video model (the FVDM model fine-tuned frame-causal): held-out clips "
+                  "extended chunk by chunk with a KV cache, next to their own continuation\n")
+            from .pipelines.video.causal_demo import run_causal_video_demo
+
+            run_causal_video_demo(output / "video")
         seconds[part] = time.perf_counter() - part_start
         print()
     parts = ", ".join(f"{part} {value:.0f} s" for part, value in seconds.items())
@@ -590,11 +600,15 @@ def check_distill_arguments(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"3d distill needs a text-to-image pipeline with a VAE and a UNet (Stable Diffusion 1.x / "
                          f"2.x, SDXL); {folder} ({index.get('_class_name')}) has no {', '.join(missing)}")
     vae, unet = _json_file(folder / "vae" / "config.json"), _json_file(folder / "unet" / "config.json")
-    image_size = args.prior_size or args.size
-    multiple = 2 ** (len(vae.get("block_out_channels", [0])) - 1) * 2 ** (len(unet.get("block_out_channels", [0])) - 1)
+    vae_scale = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
+    # The images the pipeline was trained on (SD 1.5: 64 x 8 = 512): smaller renders are upsampled to them, as
+    # DreamFusion and threestudio feed Stable Diffusion.
+    native_size = unet["sample_size"] * vae_scale if isinstance(unet.get("sample_size"), int) else None
+    image_size = args.prior_size or native_size or args.size
+    multiple = vae_scale * 2 ** (len(unet.get("block_out_channels", [0])) - 1)
     if image_size % multiple:
         raise ValueError(f"{folder}'s VAE and UNet take images whose side is a multiple of {multiple}; "
-                         f"{'--prior-size' if args.prior_size else '--size'} is {image_size}")
+                         f"{'--prior-size' if args.prior_size else 'the prior size'} is {image_size}")
     if args.resolution < 2:
         raise ValueError(f"--resolution must be at least 2 voxels per axis, got {args.resolution}")
     if args.lr <= 0:
@@ -602,9 +616,9 @@ def check_distill_arguments(args: argparse.Namespace) -> dict[str, Any]:
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {output} is a file; it must be a folder (created if missing)")
-    check_writable(output / "mesh.glb")
+    check_writable(output / f"mesh.{args.mesh_format}")
     return dict(prompt=args.prompt, pipeline_path=folder, output_dir=output, method=args.method,
-                guidance_scale=args.guidance_scale, image_size=args.prior_size, seed=args.seed,
+                guidance_scale=args.guidance_scale, image_size=image_size, seed=args.seed,
                 num_iterations=args.iterations, views_per_iteration=args.views, height=args.size, width=args.size,
                 resolution=args.resolution, learning_rate=args.lr, mesh_format=args.mesh_format,
                 checkpoint_every=args.checkpoint_every,
@@ -710,8 +724,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "tilted and posterior laws), 'text' (the shipped masked-diffusion language model generates and "
                     "infills), 'restoration' (the shipped ResShift model super-resolves held-out photos), 'video' "
                     "(the shipped FVDM model generates, animates a first frame, interpolates and makes a long video, "
-                    "as GIFs next to held-out clips). All parts by default, in about a minute on 2 CPU cores; --full "
-                    "runs the sampler part at full size.")
+                    "as GIFs next to held-out clips), '3d' (SDS and SDI distil a shape from an exact prior into "
+                    "meshes and turntables; joint versus per-view multi-view sampling as view grids), '3d_inverse' "
+                    "(the shipped slice prior reconstructs volumes with DiffusionMBIR). All parts by default, in about "
+                    "a minute on 2 CPU cores; --full runs the sampler part at full size.")
     demo.add_argument("parts", nargs="*", type=demo_part, metavar="PART",
                       help=f"which parts to run ({', '.join(DEMO_PARTS)}; default: all)")
     demo.add_argument("--output", default="demo_output", help="folder for the plots and tables (default: %(default)s)")
@@ -829,7 +845,8 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--views", type=positive_int, default=4, help="cameras per step (default: %(default)s)")
     distill.add_argument("--size", type=positive_int, default=64, help="render side in pixels (default: %(default)s)")
     distill.add_argument("--prior-size", type=positive_int,
-                         help="resize renders to this side before the VAE (Stable Diffusion: 512; default: --size)")
+                         help="resize renders to this side before the VAE (default: the pipeline's own image size, "
+                              "its UNet's sample_size times the VAE's scale: 512 for Stable Diffusion 1.5)")
     distill.add_argument("--resolution", type=positive_int, default=32,
                          help="voxel grid vertices per axis (default: %(default)s)")
     distill.add_argument("--guidance-scale", type=float,
