@@ -12,7 +12,7 @@ from test_multiview_pipeline import tiny_pipeline as multiview_pipeline
 from test_video_cli import CHECK_ALL
 from tiny_pipelines import sd_pipeline, sd_scheduler, tiny_sd3, tiny_sdxl
 
-from diffusers_ext.cli import DISTILL_MESH_FORMATS, main
+from diffusers_ext.cli import DISTILL_MESH_FORMATS, build_parser, check_distill_arguments, main
 from diffusers_ext.diffusion_math import vp_alpha_sigma
 from diffusers_ext.pipelines.three_d.mesh_export import MESH_FORMATS, current_umask
 from diffusers_ext.pipelines.three_d.rendering import VoxelGrid, orbit_cameras, random_cameras, voxel_iou
@@ -196,6 +196,16 @@ def saved_sd_pipeline(tmp_path_factory):
     return folder
 
 
+def test_distill_command_feeds_the_prior_its_own_image_size_by_default(tmp_path, saved_sd_pipeline):
+    parser = build_parser()
+    base = ["3d", "distill", "a ball", "--pipeline", str(saved_sd_pipeline), "--output", str(tmp_path / "out")]
+    unet = json.loads((saved_sd_pipeline / "unet" / "config.json").read_text())
+    vae = json.loads((saved_sd_pipeline / "vae" / "config.json").read_text())
+    native = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    assert check_distill_arguments(parser.parse_args(base))["image_size"] == native
+    assert check_distill_arguments(parser.parse_args([*base, "--prior-size", "32"]))["image_size"] == 32
+
+
 def test_distill_command_writes_mesh_and_turntable(tmp_path, saved_sd_pipeline):
     output = tmp_path / "out"
     code = main(["3d", "distill", "a ball", "--pipeline", str(saved_sd_pipeline), "--output", str(output),
@@ -220,7 +230,7 @@ def test_distill_command_checks_arguments_before_torch_is_imported(tmp_path, sav
          "no pipeline at"),
         (["3d", "distill", "a ball", "--pipeline", str(not_sd), "--output", str(tmp_path / "o")],
          "has no unet, text_encoder, tokenizer"),
-        ([*base, "--size", "7"], "multiple of 2; --size is 7"),
+        ([*base, "--prior-size", "7"], "multiple of 2; --prior-size is 7"),
         ([*base, "--lr", "0"], "--lr must be positive"),
         ([*base, "--resolution", "1"], "--resolution must be at least 2"),
         ([*base[:-1], str(a_file)], "is a file"),
