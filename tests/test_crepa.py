@@ -173,6 +173,17 @@ def test_loss_is_the_base_loss_plus_the_weighted_alignment_of_the_hooked_block(s
     assert -3 < alignment.item() < 3  # own frame plus two neighbours at weight exp(-1/2): |sum| <= 1 + 2 * 0.61
 
 
+def test_the_default_encoder_takes_rgb_frames_of_a_latent_model():
+    model, objective, latents = wan_setup()  # 4 latent channels; the frames below are RGB pixels
+    frames = torch.rand(2, 3, 4, 16, 16, generator=seeded(6)) * 2 - 1
+    loss = objective.loss(model, {"latents": latents, "frames": frames}, seeded(7))
+    assert torch.isfinite(loss) and objective.encoder.channels == 3
+    # the same seeded network as one built for RGB frames
+    rgb = RandomConvFrameEncoder(3)
+    assert all(torch.equal(a, b) for a, b in zip(objective.encoder.state_dict().values(), rgb.state_dict().values(),
+                                                 strict=True))
+
+
 def test_the_hook_is_removed_when_the_base_loss_raises():
     class Failing:
         def loss(self, model, batch, generator):

@@ -138,7 +138,7 @@ class RandomConvFrameEncoder(nn.Module):
         for name, value in (("channels", channels), ("feature_dim", feature_dim), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        self.feature_dim = feature_dim
+        self.channels, self.feature_dim = channels, feature_dim
         with torch.random.fork_rng(devices=[]):  # its own weights, the caller's random state untouched
             torch.manual_seed(seed)
             self.layers = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(),
@@ -255,12 +255,13 @@ class CREPAObjective:
         if isinstance(block_index, bool) or not isinstance(block_index, int) or not 0 <= block_index < len(blocks):
             raise ValueError(f"block_index must be an integer in [0, {len(blocks)}) for this "
                              f"{type(backbone).__name__}, got {block_index!r}")
+        # The default encoder takes whatever frames the batches hold: the backbone's own channels for a pixel-space
+        # model, RGB pixels under "frames" for a latent one; it is rebuilt (same seed) for the channels it meets.
+        self.default_encoder = encoder is None
         if encoder is None:
-            channels = getattr(getattr(backbone, "config", None), "in_channels", None)
-            encoder = RandomConvFrameEncoder(channels) if isinstance(channels, int) else None
+            encoder = RandomConvFrameEncoder()
         if not callable(encoder):
-            raise TypeError(f"encoder must be a callable frames -> features, got {type(encoder).__name__} (and "
-                            "the default encoder needs the backbone's config.in_channels)")
+            raise TypeError(f"encoder must be a callable frames -> features, got {type(encoder).__name__}")
         feature_dim = getattr(encoder, "feature_dim", None) if feature_dim is None else feature_dim
         if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
             raise ValueError(f"feature_dim must be a positive integer (the encoder's features per position), got "
@@ -295,7 +296,9 @@ class CREPAObjective:
     def frame_features(self, frames: torch.Tensor) -> torch.Tensor:
         """The encoder's features of every clean frame, ``(B, F, D, h, w)`` (or ``(B, F, D)``), checked against the
         projection head's ``D``."""
-        batch, _, num_frames = frames.shape[:3]
+        batch, channels, num_frames = frames.shape[:3]
+        if self.default_encoder and self.encoder.channels != channels:
+            self.encoder = RandomConvFrameEncoder(channels, self.encoder.feature_dim)
         if isinstance(self.encoder, nn.Module):
             self.encoder.to(frames.device)
         with torch.no_grad():
