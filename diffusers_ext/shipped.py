@@ -7,6 +7,9 @@
 - ``"tiny-fvdm-shapes"``: FVDM video of bouncing shapes, 8 frames of 16 x 16 px, in pixel space
   (``FrameAwareVideoPipeline``: generation, image-to-video, interpolation, long video; 0.31 M parameters, trained on
   synthetic clips by ``python -m diffusers_ext.training.recipes.tiny_fvdm_shapes``);
+- ``"tiny-causal-shapes"``: that FVDM model fine-tuned frame-causal by teacher forcing (``CausalVideoPipeline``:
+  extends given frames chunk by chunk with a KV cache; by
+  ``python -m diffusers_ext.training.recipes.tiny_causal_shapes``);
 - ``"tiny-slice-prior"``: a 2D prior of 32 x 32 volume slices for 3D inverse problems (``DiffusionMBIRPipeline``:
   sparse-view and limited-angle CT, through-plane super-resolution; trained on synthetic phantoms and blobs by
   ``python -m diffusers_ext.training.recipes.tiny_slice_prior``).
@@ -20,7 +23,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-SHIPPED_MODELS = ("tiny-resshift-sr4", "tiny-mdlm-pydoc", "tiny-fvdm-shapes", "tiny-slice-prior")
+SHIPPED_MODELS = ("tiny-resshift-sr4", "tiny-mdlm-pydoc", "tiny-fvdm-shapes", "tiny-causal-shapes",
+                  "tiny-slice-prior")
 
 
 def shipped_model_path(name: str) -> Path:

@@ -1,12 +1,11 @@
 """Causal video extension (Ca2-VDM, arXiv 2411.16375; ViD-GPT, arXiv 2406.10981) for ``diffusers-ext video extend``
-with a ``CausalVideoPipeline`` model, and its demo: the shipped tiny FVDM model of bouncing shapes fine-tuned into a
-frame-causal one by teacher forcing (``CausalVideoObjective``), then extending held-out clips chunk by chunk with
-the KV cache, next to the held-out clips' own continuation."""
+with a ``CausalVideoPipeline`` model, and its demo: the shipped causal model of bouncing shapes (``tiny-causal-shapes``,
+the shipped FVDM model fine-tuned frame-causal by ``training/recipes/tiny_causal_shapes.py``) extending held-out clips
+chunk by chunk with the KV cache, next to the held-out clips' own continuation."""
 
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,14 +17,9 @@ import torch
 from diffusers.utils import export_to_gif
 from tqdm.auto import tqdm
 
-from ...cli import CAUSAL_CHUNK_FRAMES, SHIPPED_VIDEO_MODEL, VIDEO_FPS, VIDEO_STEPS
-from ...schedulers import FrameAwareFlowMatchScheduler
+from ...cli import CAUSAL_CHUNK_FRAMES, VIDEO_FPS, VIDEO_STEPS
 from ...shipped import load_pipeline_or_shipped, load_shipped_pipeline
-from ...training.causal_video import CausalVideoObjective
-from ...training.fvdm import BouncingShapes
 from ...training.recipes import tiny_fvdm_shapes as recipe
-from ...training.trainer import Trainer, TrainingConfig
-from .causal_attention import disable_causal_attention, enable_causal_attention
 from .demo import side_by_side, write_video
 from .frame_plan import latent_frame_count
 from .pipeline_causal import CausalVideoPipeline
@@ -60,7 +54,7 @@ def make_causal_video_file(output: str | Path, model: str, trust_remote_code: bo
                            **video: Any) -> tuple[np.ndarray, float]:
     """``diffusers-ext video extend`` with a ``CausalVideoPipeline`` ``model`` (a folder or Hub id):
     ``make_causal_video(pipe, **video)`` written to ``output``; returns the frames and the sampling's seconds."""
-    pipe = load_pipeline_or_shipped(CausalVideoPipeline, SHIPPED_VIDEO_MODEL, model, trust_remote_code)
+    pipe = load_pipeline_or_shipped(CausalVideoPipeline, SHIPPED_CAUSAL_VIDEO_MODEL, model, trust_remote_code)
     start = time.perf_counter()
     frames = make_causal_video(pipe, progress=True, **video)
     seconds = time.perf_counter() - start
@@ -70,60 +64,57 @@ def make_causal_video_file(output: str | Path, model: str, trust_remote_code: bo
 
 # The demo ---------------------------------------------------------------------------------------------------------
 
-DEMO_CHUNK_FRAMES, DEMO_CONTEXT_FRAMES = 2, (2, 4, 6)
-FINETUNE_STEPS = 300
+SHIPPED_CAUSAL_VIDEO_MODEL = "tiny-causal-shapes"
+DEMO_CHUNK_FRAMES = 2  # the shipped causal model's training chunk (training/recipes/tiny_causal_shapes.py)
 
 
-def causal_finetune_of_the_shipped_model(steps: int = FINETUNE_STEPS, learning_rate: float = 2e-3,
-                                         output_dir: str | None = None) -> CausalVideoPipeline:
-    """The shipped tiny FVDM transformer (bidirectional, 8-frame clips) fine-tuned into a frame-causal one by teacher
-    forcing: ``CausalVideoObjective`` with chunks of 2 frames after 2, 4 or 6 clean context frames, ``steps`` steps
-    of 16 clips at ``learning_rate`` (the recipe's) on the recipe's training clips, then in a
-    ``CausalVideoPipeline``."""
-    transformer = load_shipped_pipeline(SHIPPED_VIDEO_MODEL).transformer
-    enable_causal_attention(transformer)
-    objective = CausalVideoObjective(FrameAwareFlowMatchScheduler(), DEMO_CHUNK_FRAMES, DEMO_CONTEXT_FRAMES,
-                                     prompt_embeds=torch.zeros(1, 1, recipe.TEXT_DIM))
-    clips = BouncingShapes(steps * 16, num_frames=recipe.NUM_FRAMES, size=recipe.FRAME_SIZE,
-                           channels=recipe.CHANNELS, seed=recipe.TRAIN_SEED)
-    with tempfile.TemporaryDirectory() as scratch:
-        config = TrainingConfig(output_dir=output_dir or scratch, max_steps=steps, batch_size=16,
-                                learning_rate=learning_rate, checkpoint_every=0, seed=recipe.TRAIN_SEED)
-        model = Trainer(objective, transformer.train(), clips, config).train().model.eval()
-    disable_causal_attention(model)  # the pipeline makes it causal for each call
-    return CausalVideoPipeline(model, FrameAwareFlowMatchScheduler())
+def as_pil_frames(clip: torch.Tensor) -> list[PIL.Image.Image]:
+    """A clip ``(C, F, H, W)`` in [-1, 1] as RGB images."""
+    return [PIL.Image.fromarray(((frame.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
+            for frame in clip.unbind(1)]
+
+
+def extend_held_out_clips(pipe: CausalVideoPipeline, truth: torch.Tensor, given_frames: int, num_frames: int,
+                          max_cache_frames: int, num_inference_steps: int, seed: int = 0) -> torch.Tensor:
+    """Each clip of ``truth`` ``(B, C, F, H, W)`` in [-1, 1]: its first ``given_frames`` frames extended to
+    ``num_frames`` by ``make_causal_video`` in chunks of ``DEMO_CHUNK_FRAMES`` (clip ``i`` with seed ``seed + i``),
+    ``(B, C, num_frames, H, W)`` in [-1, 1]."""
+    clips = []
+    for index, clip in enumerate(truth):
+        made = make_causal_video(pipe, as_pil_frames(clip[:, :given_frames]), num_frames, DEMO_CHUNK_FRAMES,
+                                 max_cache_frames, num_inference_steps, seed=seed + index)
+        clips.append(torch.from_numpy(made).permute(3, 0, 1, 2) * 2 - 1)
+    return torch.stack(clips)
+
+
+def extension_errors(videos: torch.Tensor, truth: torch.Tensor, given_frames: int) -> dict[str, torch.Tensor]:
+    """``(B,)`` each: the mean squared error of the new frames of ``videos`` (those after the first
+    ``given_frames``) to the same frames of ``truth``, for the model and for the last given frame held still."""
+    new = slice(given_frames, videos.shape[2])
+    target = truth[:, :, new]
+    still = truth[:, :, given_frames - 1:given_frames].expand_as(target)
+    return {"model": (videos[:, :, new] - target).square().mean(dim=(1, 2, 3, 4)),
+            "last given frame held still": (still - target).square().mean(dim=(1, 2, 3, 4))}
 
 
 def run_causal_video_demo(output: Path, pipe: CausalVideoPipeline | None = None, num_clips: int = 4,
                           given_frames: int = 4, num_frames: int = 16, long_frames: int = 24,
-                          max_cache_frames: int = 6, num_inference_steps: int = 10, shown: int = 4,
-                          finetune_steps: int = FINETUNE_STEPS) -> dict[str, float]:
+                          max_cache_frames: int = 6, num_inference_steps: int = 10, shown: int = 4) -> dict[str, float]:
     """Writes ``causal_extension.gif`` (held-out clips' first ``given_frames`` frames extended to ``num_frames`` by
     the model, above the held-out clips themselves), ``causal_long_video.gif`` (extended to ``long_frames``) and
     ``causal_video.txt``: the mean squared error of the new frames to the held-out ones, next to the last given frame
     held still. The KV cache keeps the newest ``max_cache_frames`` frames (the fine-tune's longest context).
-    ``pipe``: by default the shipped model fine-tuned into a causal one here
-    (``causal_finetune_of_the_shipped_model(finetune_steps)``)."""
+    ``pipe``: by default the shipped causal model (``SHIPPED_CAUSAL_VIDEO_MODEL``)."""
     output.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
     model_text = "the given causal model"
     if pipe is None:
-        pipe = causal_finetune_of_the_shipped_model(finetune_steps)
-        model_text = (f"the shipped {SHIPPED_VIDEO_MODEL} transformer fine-tuned frame-causal ({finetune_steps} "
-                      f"teacher-forcing steps, {time.perf_counter() - start:.0f} s)")
+        pipe = load_shipped_pipeline(SHIPPED_CAUSAL_VIDEO_MODEL)
+        model_text = f"the shipped {SHIPPED_CAUSAL_VIDEO_MODEL} model"
     pipe.set_progress_bar_config(disable=True)
     truth = recipe.bouncing_clips(num_clips, recipe.HELD_OUT_SEED, long_frames)  # (B, C, F, H, W) in [-1, 1]
     start = time.perf_counter()
-    videos = {}
-    for name, frames in (("extension", num_frames), ("long_video", long_frames)):
-        clips = []
-        for index in range(num_clips):
-            given = [PIL.Image.fromarray(((truth[index, :, f].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
-                     for f in range(given_frames)]
-            made = make_causal_video(pipe, given, frames, DEMO_CHUNK_FRAMES, max_cache_frames, num_inference_steps,
-                                     seed=index)
-            clips.append(torch.from_numpy(made).permute(3, 0, 1, 2) * 2 - 1)
-        videos[name] = torch.stack(clips)
+    videos = {name: extend_held_out_clips(pipe, truth, given_frames, frames, max_cache_frames, num_inference_steps)
+              for name, frames in (("extension", num_frames), ("long_video", long_frames))}
     seconds = time.perf_counter() - start
 
     export_to_gif(side_by_side({"causal model": videos["extension"][:shown],
@@ -131,10 +122,8 @@ def run_causal_video_demo(output: Path, pipe: CausalVideoPipeline | None = None,
                   str(output / "causal_extension.gif"), fps=VIDEO_FPS)
     export_to_gif(side_by_side({"causal model": videos["long_video"][:shown]}),
                   str(output / "causal_long_video.gif"), fps=VIDEO_FPS)
-    new = slice(given_frames, num_frames)
-    still = truth[:, :, given_frames - 1:given_frames].expand_as(truth[:, :, new])
-    scores = {"model": float((videos["extension"][:, :, new] - truth[:, :, new]).square().mean()),
-              "last given frame held still": float((still - truth[:, :, new]).square().mean())}
+    errors = extension_errors(videos["extension"], truth[:, :, :num_frames], given_frames)
+    scores = {name: float(per_clip.mean()) for name, per_clip in errors.items()}
     lines = [f"Causal extension: {model_text}; {num_clips} held-out clips, "
              f"{given_frames} frames given, extended to {num_frames} and to {long_frames} in chunks of "
              f"{DEMO_CHUNK_FRAMES} with the KV cache of the newest {max_cache_frames} frames ({num_inference_steps} "

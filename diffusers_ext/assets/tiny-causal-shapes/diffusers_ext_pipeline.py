@@ -1,0 +1,1 @@
+from diffusers_ext.pipelines import CausalVideoPipeline  # noqa: F401

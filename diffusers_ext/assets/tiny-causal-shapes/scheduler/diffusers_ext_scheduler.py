@@ -1,0 +1,1 @@
+from diffusers_ext.schedulers import FrameAwareFlowMatchScheduler  # noqa: F401
