@@ -9,8 +9,14 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, EulerDiscreteScheduler, UNet2DModel
 
 from diffusers_ext.hub import save_for_hub
-from diffusers_ext.pipelines.three_d.pipeline_diffusion_mbir import DiffusionMBIRPipeline
-from diffusers_ext.pipelines.three_d.volume_operators import ParallelBeamProjection, VolumeMask, sparse_view_angles
+from diffusers_ext.pipelines.three_d.pipeline_diffusion_mbir import DiffusionMBIRPipeline, default_admm_settings
+from diffusers_ext.pipelines.three_d.volume_demo import TASKS
+from diffusers_ext.pipelines.three_d.volume_operators import (
+    ParallelBeamProjection,
+    ThroughPlaneDownsampling,
+    VolumeMask,
+    sparse_view_angles,
+)
 from diffusers_ext.testing.volume_oracle import SliceMixtureVolumeLaw
 
 VOLUME_SHAPE = (4, 8, 6)
@@ -145,12 +151,27 @@ class NoAdjoint:
         pass
 
 
+class UnknownKind(NoAdjoint):
+    def adjoint(self, measurement):
+        return measurement
+
+
+def test_default_admm_settings_follow_the_operator_kind():
+    ct = ParallelBeamProjection(sparse_view_angles(8), size=8)
+    assert default_admm_settings(ct) == (10.0, 1.0)  # 8-view CT's (volume_demo.TASKS)
+    assert default_admm_settings(ThroughPlaneDownsampling(2)) == (0.1, 0.01)
+    assert default_admm_settings(VolumeMask(torch.ones(2, 8, 8, dtype=torch.bool))) == (0.1, 0.01)
+    assert (TASKS["sparse-view"].rho, TASKS["sparse-view"].lambda_tv) == default_admm_settings(ct)
+    assert (TASKS["sr"].rho, TASKS["sr"].lambda_tv) == default_admm_settings(ThroughPlaneDownsampling(2))
+
+
 BAD_CALLS = [
     ({"shape": (4, 7, 6)}, ValueError, "slices of 7x6 along axis 0; this UNet takes slices whose sides are multiples"),
     ({"axis": 1, "shape": (3, 8, 6)}, ValueError, "slices of 3x6 along axis 1"),
     ({"measurement": torch.zeros(4, 8, 5)}, ValueError, "must have shape"),
     ({"measurement": torch.full(VOLUME_SHAPE, float("nan"))}, ValueError, "NaN"),
-    ({"operator": NoAdjoint()}, TypeError, "has no adjoint"),
+    ({"operator": NoAdjoint(), "rho": 1.0, "lambda_tv": 0.1}, TypeError, "has no adjoint"),
+    ({"operator": UnknownKind()}, ValueError, "no default rho / lambda_tv for a UnknownKind"),
     ({"volume_shape": (4, 8)}, ValueError, "volume_shape must be three positive integers"),
     ({"num_inference_steps": 0}, ValueError, "num_inference_steps must be an integer >= 1"),
     ({"rho": 0.0}, ValueError, "rho must be a finite number > 0"),

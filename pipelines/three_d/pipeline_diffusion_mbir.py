@@ -27,8 +27,9 @@ step (the authors' code keeps them for the whole run), one pair per axis:
 (``pipelines/three_d/admm_tv.py``). With ``lambda_tv = 0`` there is no TV prior: the update is ``cg_iterations`` of CG
 on ``A^T A u = A^T y`` from the diffusion's ``u`` (slice-wise data consistency, the paper's ablation without the
 z-TV). The paper uses ``rho = 10``, ``lambda = 0.04``, one ADMM iteration with one CG iteration per step, for its
-operator's scale and 2000 steps. The defaults here, ``rho = 10``, ``lambda_tv = 1``, are the best found for 8-view
-CT with ``ParallelBeamProjection`` at 50 steps (``volume_demo.TASKS`` holds those for the other operators). ``rho`` has to match the scale of ``A^T A`` (about ``num_views * size`` for
+operator's scale and 2000 steps. The defaults here depend on the operator's kind (``DEFAULT_ADMM_SETTINGS``:
+10 / 1 for projections, 0.1 / 0.01 for slice sampling and masks), the best found at 50 steps
+(``volume_demo.TASKS``). ``rho`` has to match the scale of ``A^T A`` (about ``num_views * size`` for
 ``ParallelBeamProjection``, 1 for ``ThroughPlaneDownsampling`` and masks): the carried ``z`` holds the slice
 differences of the previous, noisier state, and with a ``rho`` far above ``A^T A``'s scale the CG step pulls the new
 state back to them, which with tens of steps rather than thousands makes the reconstruction diverge (measured on the
@@ -52,11 +53,23 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ...diffusion_math import alpha_sigma_function, noise_path_from_scheduler_config
 from .admm_tv import ADMMTVState, admm_tv_update, conjugate_gradient
+from .volume_operators import ParallelBeamProjection, ThroughPlaneDownsampling, VolumeMask
 
 OUTPUT_TYPES = ("np", "pt", "montage")
-# 8-view CT's settings, chosen on a training phantom at 50 steps (volume_demo.TASKS). The authors' script's
+# (rho, lambda_tv) by operator, chosen on a training phantom at 50 steps (volume_demo.TASKS): rho must match the
+# scale of A^T A, about views x size for projections and 1 for slice sampling and masks. The authors' script's
 # lamb = 0.04, rho = 10 are for their back-projector's scale and 2000 steps.
-DEFAULT_RHO, DEFAULT_LAMBDA_TV = 10.0, 1.0
+DEFAULT_ADMM_SETTINGS = {ParallelBeamProjection: (10.0, 1.0), ThroughPlaneDownsampling: (0.1, 0.01),
+                         VolumeMask: (0.1, 0.01)}
+
+
+def default_admm_settings(operator: Any) -> tuple[float, float]:
+    """``(rho, lambda_tv)`` for ``operator``'s kind; a ``ValueError`` for another kind, whose scale is unknown."""
+    for kind, settings in DEFAULT_ADMM_SETTINGS.items():
+        if isinstance(operator, kind):
+            return settings
+    raise ValueError(f"no default rho / lambda_tv for a {type(operator).__name__}: pass both (rho of the order of "
+                     "the scale of A^T A)")
 
 
 @dataclass
@@ -230,8 +243,8 @@ class DiffusionMBIRPipeline(DiffusionPipeline):
         operator: Any,
         volume_shape: Sequence[int],
         num_inference_steps: int = 50,
-        rho: float = DEFAULT_RHO,
-        lambda_tv: float = DEFAULT_LAMBDA_TV,
+        rho: float | None = None,
+        lambda_tv: float | None = None,
         admm_iterations: int = 1,
         cg_iterations: int = 1,
         axis: int = 0,
@@ -251,8 +264,9 @@ class DiffusionMBIRPipeline(DiffusionPipeline):
                 ``ParallelBeamProjection``, ``ThroughPlaneDownsampling``, ``VolumeMask``.
             volume_shape: ``(D, H, W)`` of the volume.
             num_inference_steps: diffusion steps (each followed by one ADMM-TV update).
-            rho: the ADMM penalty ``rho`` (> 0).
-            lambda_tv: the TV weight ``lambda`` across slices (>= 0; 0: slice-wise data consistency only).
+            rho: the ADMM penalty ``rho`` (> 0); default: the operator kind's (``DEFAULT_ADMM_SETTINGS``).
+            lambda_tv: the TV weight ``lambda`` across slices (>= 0; 0: slice-wise data consistency only);
+                default: the operator kind's.
             admm_iterations: ADMM iterations per diffusion step (the paper: 1).
             cg_iterations: conjugate-gradient iterations per ADMM iteration (the paper: 1).
             axis: the volume dim the 2D prior's slices are taken along (and the TV runs across): 0, 1 or 2.
@@ -268,6 +282,10 @@ class DiffusionMBIRPipeline(DiffusionPipeline):
             ``DiffusionMBIRPipelineOutput(volume=...)``, or ``(volume,)`` when ``return_dict=False``.
         """
         num_inference_steps = _require_integer("num_inference_steps", num_inference_steps, 1)
+        if rho is None or lambda_tv is None:
+            default_rho, default_lambda_tv = default_admm_settings(operator)
+            rho = default_rho if rho is None else rho
+            lambda_tv = default_lambda_tv if lambda_tv is None else lambda_tv
         rho = _require_number("rho", rho, 0.0, strict=True)
         lambda_tv = _require_number("lambda_tv", lambda_tv, 0.0, strict=False)
         admm_iterations = _require_integer("admm_iterations", admm_iterations, 1)
