@@ -444,7 +444,10 @@ def trained_model(result: Any, method: Any = None) -> Any:
     if result.method_ema_weights:
         modules = method.trainable_modules()
         for name, weights in result.method_ema_weights.items():
-            modules[name].load_state_dict(weights, strict=False)
+            # strict=False: only trained parameters have an EMA; a name the module lacks is still an error.
+            unexpected = modules[name].load_state_dict(weights, strict=False).unexpected_keys
+            if unexpected:
+                raise ValueError(f"the EMA of {name} names parameters it does not have: {unexpected}")
     return result.model
 
 
