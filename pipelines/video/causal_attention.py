@@ -48,6 +48,7 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import UNet3DConditionModel, WanTransformer3DModel
+from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
@@ -58,6 +59,7 @@ CACHE_MODES = (None, "read", "write")
 # WanRotaryPosEmbed's theta (diffusers 0.42 builds it with the default).
 WAN_ROPE_THETA = 10000.0
 _STATE_ATTRIBUTE = "_causal_attention_state"
+_ROTARY_HOOK = "causal_rotary_positions"
 
 
 @dataclass
@@ -310,11 +312,17 @@ def wan_rotary_embedding(rope: torch.nn.Module, latent_shape: torch.Size, frame_
     return outputs[0], outputs[1]
 
 
-def _causal_rope_forward(rope: torch.nn.Module, state: CausalAttentionState):
-    """``rope.forward`` while causal attention is on: reads the frame grid, and computes the rotary angles of the
-    frames' positions itself (the model's table covers only ``0 .. rope_max_seq_len - 1``)."""
+class CausalRotaryHook(ModelHook):
+    """Wan's rotary embedding while causal attention is on (a diffusers hook on ``model.rope``): reads the frame
+    grid, and computes the rotary angles of the frames' positions itself (the model's table covers only
+    ``0 .. rope_max_seq_len - 1``)."""
 
-    def forward(hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __init__(self, state: CausalAttentionState):
+        super().__init__()
+        self.state = state
+
+    def new_forward(self, rope: torch.nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        state = self.state
         patch_t, patch_h, patch_w = rope.patch_size
         state.tokens_per_frame = (hidden_states.shape[3] // patch_h) * (hidden_states.shape[4] // patch_w)
         state.num_frames = hidden_states.shape[2] // patch_t
@@ -322,8 +330,6 @@ def _causal_rope_forward(rope: torch.nn.Module, state: CausalAttentionState):
         if state.position_period is not None:
             positions = positions % state.position_period
         return wan_rotary_embedding(rope, hidden_states.shape, positions)
-
-    return forward
 
 
 def _causal_layers(model: torch.nn.Module) -> list[str]:
@@ -353,18 +359,19 @@ def enable_causal_attention(model: torch.nn.Module, frames_per_block: int = 1) -
     processors.update({name: processor_class(state, name.removesuffix(".processor")) for name in layers})
     model.set_attn_processor(processors)  # it empties the dict it gets (a fresh one here)
     if isinstance(model, WanTransformer3DModel):
-        model.rope.forward = _causal_rope_forward(model.rope, state)  # an instance attribute: deleted on disable
+        HookRegistry.check_if_exists_or_initialize(model.rope).register_hook(CausalRotaryHook(state),
+                                                                             _ROTARY_HOOK)
     setattr(model, _STATE_ATTRIBUTE, state)
     return state
 
 
 def disable_causal_attention(model: torch.nn.Module) -> None:
-    """Puts the original processors back and the rotary embedding's own ``forward``: the model computes exactly as
+    """Puts the original processors back and removes the rotary embedding's hook: the model computes exactly as
     before."""
     state = causal_attention_state(model)
     model.set_attn_processor(dict(state.original_processors))
     if isinstance(model, WanTransformer3DModel):
-        del model.rope.forward
+        HookRegistry.check_if_exists_or_initialize(model.rope).remove_hook(_ROTARY_HOOK, recurse=False)
     delattr(model, _STATE_ATTRIBUTE)
 
 
