@@ -724,10 +724,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "tilted and posterior laws), 'text' (the shipped masked-diffusion language model generates and "
                     "infills), 'restoration' (the shipped ResShift model super-resolves held-out photos), 'video' "
                     "(the shipped FVDM model generates, animates a first frame, interpolates and makes a long video, "
-                    "as GIFs next to held-out clips), '3d' (SDS and SDI distil a shape from an exact prior into "
+                    "as GIFs next to held-out clips; the shipped causal model extends held-out clips chunk by chunk), '3d' (SDS and SDI distil a shape from an exact prior into "
                     "meshes and turntables; joint versus per-view multi-view sampling as view grids), '3d_inverse' "
                     "(the shipped slice prior reconstructs volumes with DiffusionMBIR). All parts by default, in about "
-                    "a minute on 2 CPU cores; --full runs the sampler part at full size.")
+                    "80 seconds on 2 CPU cores; --full runs the sampler part at full size.")
     demo.add_argument("parts", nargs="*", type=demo_part, metavar="PART",
                       help=f"which parts to run ({', '.join(DEMO_PARTS)}; default: all)")
     demo.add_argument("--output", default="demo_output", help="folder for the plots and tables (default: %(default)s)")
