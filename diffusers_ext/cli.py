@@ -227,7 +227,7 @@ class VideoModel:
     source: str
     trust_remote_code: bool
     clip_frames: int | None
-    context_frames: int
+    context_frames: int | None  # None: a causal model whose trained context is not recorded
     frame_size: tuple[int, int] | None
     temporal_compression: int | None
     causal: bool = False  # a CausalVideoPipeline (it extends videos chunk by chunk), not a FrameAwareVideoPipeline
@@ -284,10 +284,14 @@ def video_model(model: str, trust_remote_code: bool) -> VideoModel:
     side = (transformer.get("sample_size") or PIPELINE_SAMPLE_SIZE) * spatial if spatial else None
     # The clips it was trained on, as the shipped models' training reports record them.
     report = folder / "training_report.json"
-    clip = _read_json(report, model).get("clip", {}) if report.is_file() else {}
-    return VideoModel(str(folder if shipped else model), trusted, clip.get("num_frames"),
-                      clip.get("context_frames", PIPELINE_CONTEXT_FRAMES), (side, side) if side else None, temporal,
-                      pipeline_class == "CausalVideoPipeline")
+    recorded = _read_json(report, model) if report.is_file() else {}
+    clip, causal = recorded.get("clip", {}), pipeline_class == "CausalVideoPipeline"
+    context = clip.get("context_frames", PIPELINE_CONTEXT_FRAMES)
+    if causal:  # the longest context it was trained to see (teacher forcing); unknown: all of it
+        trained = recorded.get("teacher_forcing", {}).get("context_frames")
+        context = max(trained) if trained else None
+    return VideoModel(str(folder if shipped else model), trusted, clip.get("num_frames"), context,
+                      (side, side) if side else None, temporal, causal)
 
 
 def _frame_size_text(height: int, width: int) -> str:
@@ -473,7 +477,8 @@ def check_causal_extend_arguments(args: argparse.Namespace, output: Path, model:
     if len({frame.size for frame in video}) > 1:
         raise ValueError(f"--video {args.video}: its frames differ in size")
     return dict(output=output, model=model.source, trust_remote_code=model.trust_remote_code, num_frames=num_frames,
-                chunk_frames=chunk, max_cache_frames=args.context_frames, num_inference_steps=args.steps,
+                chunk_frames=chunk, max_cache_frames=args.context_frames or model.context_frames,
+                num_inference_steps=args.steps,
                 seed=args.seed, fps=args.fps, video=video)
 
 
@@ -787,7 +792,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      help=f"with a CausalVideoPipeline --model: frames added per chunk (default: "
                                           f"{CAUSAL_CHUNK_FRAMES}, or the VAE's temporal compression if more); "
                                           "--context-frames then bounds the latent frames of context it keeps "
-                                          "(default: all)")
+                                          "(default: the most its training report says it saw, 6 for "
+                                          "tiny-causal-shapes; otherwise all)")
         task_parser.add_argument("--window", type=positive_int,
                                  help="frames per model call; longer videos roll the window (default: the clips the "
                                       "model was trained on where its training report says, 8 for the shipped one; "

@@ -14,7 +14,7 @@ from diffusers import DiffusionPipeline
 from huggingface_hub import ModelCard
 
 from diffusers_ext import shipped_model_path
-from diffusers_ext.cli import main
+from diffusers_ext.cli import build_parser, check_video_arguments, main
 from diffusers_ext.pipelines.video import CausalVideoPipeline
 from diffusers_ext.pipelines.video.causal_demo import (
     SHIPPED_CAUSAL_VIDEO_MODEL,
@@ -107,6 +107,16 @@ def test_video_extend_takes_the_shipped_causal_model_by_name(tmp_path, truth, ca
     written = gif_frames(output)
     assert written.shape == (8, 16, 16, 3)
     np.testing.assert_array_equal(written[:recipe.GIVEN_FRAMES], gif_frames(given))  # the clip as it was
+
+
+def test_video_extend_bounds_the_cache_to_the_trained_context_by_default(tmp_path, truth):
+    given = tmp_path / "given.gif"
+    write_video(((truth[0, :, :recipe.GIVEN_FRAMES].permute(1, 2, 3, 0) + 1) / 2).numpy(), given)
+    argv = ["video", "extend", "--model", NAME, "--video", str(given), "--output", str(tmp_path / "out.gif")]
+    trained = json.loads((shipped_model_path(NAME) / "training_report.json").read_text())["teacher_forcing"]
+    assert check_video_arguments(build_parser().parse_args(argv))["max_cache_frames"] == max(
+        trained["context_frames"])
+    assert check_video_arguments(build_parser().parse_args([*argv, "--context-frames", "2"]))["max_cache_frames"] == 2
 
 
 def test_the_demo_uses_the_shipped_causal_model_by_default(tmp_path):
