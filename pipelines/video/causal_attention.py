@@ -199,6 +199,9 @@ class CausalAttentionState:
     position_period: int | None = None
     tokens_per_frame: int = 1
     num_frames: int = 0
+    # The token mask of the current forward pass, built by its first layer and shared by the others (None inside:
+    # every key visible, so attention runs unmasked); reset by the rotary hook at the start of each pass.
+    token_mask: tuple[torch.Tensor | None] | None = None
 
     def query_layout(self, num_frames: int) -> FrameLayout:
         """The layout given to ``causal_attention_context``, or ``num_frames`` frames following the cache."""
@@ -266,8 +269,10 @@ class CausalWanAttnProcessor(WanAttnProcessor):
             keys, values = torch.cat([cached_keys, key], 1), torch.cat([cached_values, value], 1)
             if state.cache_mode == "write":
                 state.cache.stage(self.layer, key, value)
-        mask = token_visibility(_mask(state, layout, query.device), tokens, tokens)
-        hidden_states = dispatch_attention_fn(query, keys, values, attn_mask=mask, dropout_p=0.0, is_causal=False,
+        if state.token_mask is None:
+            visibility = _mask(state, layout, query.device)
+            state.token_mask = (None if bool(visibility.all()) else token_visibility(visibility, tokens, tokens),)
+        hidden_states = dispatch_attention_fn(query, keys, values, attn_mask=state.token_mask[0], dropout_p=0.0, is_causal=False,
                                               backend=self._attention_backend, parallel_config=None)
         hidden_states = hidden_states.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](hidden_states))
@@ -323,6 +328,7 @@ class CausalRotaryHook(ModelHook):
 
     def new_forward(self, rope: torch.nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         state = self.state
+        state.token_mask = None
         patch_t, patch_h, patch_w = rope.patch_size
         state.tokens_per_frame = (hidden_states.shape[3] // patch_h) * (hidden_states.shape[4] // patch_w)
         state.num_frames = hidden_states.shape[2] // patch_t
