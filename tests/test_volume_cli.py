@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
+from test_video_cli import CHECK_ALL
 
 from diffusers_ext.cli import main
 from diffusers_ext.hub import save_for_hub
@@ -47,20 +48,6 @@ def inputs(tmp_path_factory):
     return folder
 
 
-CHECK_ALL = """
-import contextlib, io, json, sys
-from diffusers_ext.cli import main
-results = []
-for argv in json.loads(sys.argv[1]):
-    error = io.StringIO()
-    with contextlib.redirect_stderr(error):
-        try:
-            code = main(argv)
-        except SystemExit as exit:  # argparse's own errors
-            code = exit.code
-    results.append([code, error.getvalue()])
-print(json.dumps({"results": results, "torch imported": "torch" in sys.modules}))
-"""
 
 
 def test_bad_options_are_one_line_errors_before_torch_is_imported_and_write_nothing(tmp_path, inputs, model):
