@@ -1,15 +1,13 @@
 """Score distillation (SDS, SDI) on the exact view-conditioned oracle and inside stock diffusers pipelines."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from test_multiview_pipeline import NUM_VIEWS
 from test_multiview_pipeline import tiny_pipeline as multiview_pipeline
-from test_video_cli import CHECK_ALL
+from test_video_cli import assert_clear_errors_before_torch
 from tiny_pipelines import sd_pipeline, sd_scheduler, tiny_sd3, tiny_sdxl
 
 from diffusers_ext.cli import DISTILL_MESH_FORMATS, build_parser, check_distill_arguments, main
@@ -236,13 +234,7 @@ def test_distill_command_checks_arguments_before_torch_is_imported(tmp_path, sav
         ([*base[:-1], str(a_file)], "is a file"),
         (["3d", "distill", " ", *base[3:]], "the prompt is empty"),
     ]
-    result = subprocess.run([sys.executable, "-c", CHECK_ALL, json.dumps([argv for argv, _ in cases])],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["torch imported"] is False
-    for (argv, message), (code, stderr) in zip(cases, report["results"], strict=True):
-        assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, (argv, stderr)
+    assert_clear_errors_before_torch(cases)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "sd3"]
 
 

@@ -111,6 +111,23 @@ print(json.dumps({"results": results, "torch imported": "torch" in sys.modules})
 """
 
 
+def assert_clear_errors_before_torch(cases: list[tuple[list[str], str]]) -> None:
+    """Runs each ``(argv, message)`` of ``cases`` through ``diffusers-ext`` in one fresh Python: each must exit with
+    code 2 and ``message`` on stderr, in one line (argparse's own errors print their usage above), with no traceback,
+    and torch must never have been imported."""
+    argvs = [argv for argv, _ in cases]
+    result = subprocess.run([sys.executable, "-c", CHECK_ALL, json.dumps(argvs)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["torch imported"] is False
+    for (argv, message), (code, stderr) in zip(cases, report["results"], strict=True):
+        assert code == 2, (argv, stderr)
+        assert "Traceback" not in stderr and message in stderr, (argv, stderr)
+        if "positive integer" not in message:  # argparse prints its usage above its error
+            assert len(stderr.strip().splitlines()) == 1, stderr
+
+
 def test_bad_options_are_one_line_errors_before_torch_is_imported_and_write_nothing(tmp_path, inputs, pixel_model,
                                                                                     vae_model):
     out = str(tmp_path / "out.gif")
@@ -156,17 +173,7 @@ def test_bad_options_are_one_line_errors_before_torch_is_imported_and_write_noth
     ]
     if not HAS_FFMPEG:
         cases.append((["generate", *pixel[:-1], str(tmp_path / "out.mp4")], "needs imageio and imageio-ffmpeg"))
-    argvs = [["video", *arguments] for arguments, _ in cases]
-    result = subprocess.run([sys.executable, "-c", CHECK_ALL, json.dumps(argvs)], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["torch imported"] is False
-    for (arguments, message), (code, stderr) in zip(cases, report["results"], strict=True):
-        assert code == 2, (arguments, stderr)
-        assert "Traceback" not in stderr and message in stderr, (arguments, stderr)
-        if "positive integer" not in message:  # argparse prints its usage above its error
-            assert len(stderr.strip().splitlines()) == 1, stderr
+    assert_clear_errors_before_torch([(["video", *arguments], message) for arguments, message in cases])
     assert list(tmp_path.iterdir()) == []
 
 
