@@ -11,10 +11,10 @@ import math
 import pytest
 import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+from test_fvdm_training import assert_toy_training_writes_weights_that_load
 
 from diffusers_ext.testing import VideoGaussianMixtureDenoiser
 from diffusers_ext.training import BouncingShapes, CausalVideoObjective, Trainer, TrainingConfig
-from diffusers_ext.training.cli import main as train_main
 from diffusers_ext.training.fvdm import toy_backbone
 
 FRAME_MEANS = [[1.0, -0.5, 0.3, 0.0], [-1.0, 0.5, -0.2, 0.4]]  # two components, frames of shape (2, 1, 2)
@@ -168,17 +168,7 @@ def test_a_resumed_run_ends_with_the_uninterrupted_weights(tmp_path):
 
 @pytest.mark.parametrize("lora_rank", ["none", "2"])
 def test_train_causal_video_writes_weights_that_load(tmp_path, lora_rank):
-    output = tmp_path / "run"
-    assert train_main(["causal-video", "--max-steps", "2", "--batch-size", "2", "--checkpoint-every", "0",
-                       "--lora-rank", lora_rank, "--seed", "1", "--output-dir", str(output)]) == 0
-    final = output / "final"
-    if lora_rank == "none":
-        model = WanTransformer3DModel.from_pretrained(final)
-        assert not torch.equal(model.proj_out.weight, toy_backbone(1).proj_out.weight)  # trained, not the base
-    else:
-        model = toy_backbone(1)
-        model.load_lora_adapter(final, prefix=None, use_safetensors=True)
-        assert any("lora_B" in name and value.abs().sum() > 0 for name, value in model.state_dict().items())
+    assert_toy_training_writes_weights_that_load("causal-video", tmp_path, lora_rank)
 
 
 def test_a_backbone_without_causal_attention_is_refused():

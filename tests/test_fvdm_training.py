@@ -198,8 +198,14 @@ def test_bouncing_shapes_are_moving_shapes_on_a_black_background_the_same_every_
 
 @pytest.mark.parametrize("lora_rank", ["none", "2"])
 def test_train_fvdm_writes_weights_that_load(tmp_path, lora_rank):
+    assert_toy_training_writes_weights_that_load("fvdm", tmp_path, lora_rank)
+
+
+def assert_toy_training_writes_weights_that_load(method: str, tmp_path, lora_rank: str) -> None:
+    """``diffusers-ext train <method>`` on the toy Wan backbone for 2 steps writes trained weights (the whole model,
+    or a LoRA with nonzero B) that load into a fresh backbone."""
     output = tmp_path / "run"
-    assert train_main(["fvdm", "--max-steps", "2", "--batch-size", "2", "--checkpoint-every", "0", "--lora-rank",
+    assert train_main([method, "--max-steps", "2", "--batch-size", "2", "--checkpoint-every", "0", "--lora-rank",
                        lora_rank, "--seed", "1", "--output-dir", str(output)]) == 0
     final = output / "final"
     if lora_rank == "none":
