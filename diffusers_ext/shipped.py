@@ -12,7 +12,10 @@
   ``python -m diffusers_ext.training.recipes.tiny_causal_shapes``);
 - ``"tiny-slice-prior"``: a 2D prior of 32 x 32 volume slices for 3D inverse problems (``DiffusionMBIRPipeline``:
   sparse-view and limited-angle CT, through-plane super-resolution; trained on synthetic phantoms and blobs by
-  ``python -m diffusers_ext.training.recipes.tiny_slice_prior``).
+  ``python -m diffusers_ext.training.recipes.tiny_slice_prior``);
+- ``"tiny-mvdream-shapes"``: MVDream multi-view generation of random coloured shapes, 4 views of 16 x 16 px around
+  an object, unconditional (``MultiViewDiffusionPipeline``, 0.25 M parameters, its 2D base UNet in ``base_unet/``;
+  trained on rendered synthetic shapes by ``python -m diffusers_ext.training.recipes.tiny_multiview_shapes``).
 
 Each folder is laid out as a Hub repository (model card, ``training_report.json``, safetensors, and one-line loader
 files that import this package's classes), so it loads like a shared pipeline.
@@ -24,7 +27,7 @@ from importlib import resources
 from pathlib import Path
 
 SHIPPED_MODELS = ("tiny-resshift-sr4", "tiny-mdlm-pydoc", "tiny-fvdm-shapes", "tiny-causal-shapes",
-                  "tiny-slice-prior")
+                  "tiny-slice-prior", "tiny-mvdream-shapes")
 
 
 def shipped_model_path(name: str) -> Path:

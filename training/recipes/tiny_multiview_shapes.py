@@ -11,9 +11,11 @@ embedding) on rendered views of 3D objects, mixed with 2D images. Here, with no 
    on single views of random coloured shapes (``RenderedShapeViews``; every batch a 2D batch, so the model is the 2D
    UNet exactly), DDPM linear schedule, epsilon prediction, unconditional;
 2. the multi-view model: that UNet made multi-view for 4 views (orbits at a random elevation in [0, 30] degrees and a
-   random starting azimuth), a rank-8 LoRA on its attention projections and the camera MLP trained with
-   ``MultiViewObjective`` (2D batches with the paper's probability 0.3), same data seed, through the shared
-   ``Trainer``.
+   random starting azimuth) and fine-tuned whole, as the paper fine-tunes its UNet, with the camera MLP, by
+   ``MultiViewObjective`` (2D batches with the paper's probability 0.3) through the shared ``Trainer``.
+
+Both stages draw from one pool of ``Budget.train_objects`` objects of the training seed, rendered once before training
+(rendering on the fly would cost a third of the run), and keep an EMA of their weights, which is what ships.
 
 Both are sampled with DDPM's ancestral sampler in 250 steps (``MultiViewDiffusionPipeline``; DDIM's deterministic
 sampler leaves these small, briefly trained models' samples noisy), the base model with one view per object (each
@@ -46,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
+from tqdm.auto import tqdm
 
 from ...hub import save_for_hub
 from ...pipelines.three_d import CameraEmbedding, MultiViewDiffusionPipeline, remove_multiview
@@ -62,11 +65,10 @@ from ..multiview import (
     multiview_unet,
     toy_unet,
 )
-from ..trainer import Trainer, TrainingConfig
+from ..trainer import Trainer, TrainingConfig, TrainingResult
 
 NUM_VIEWS, SIZE = TOY_VIEWS["num_views"], TOY_VIEWS["size"]
 TRAIN_SEED, HELD_OUT_SEED = 0, 1
-LORA_RANK = 8
 EVAL_ELEVATION = 15.0  # the authors' default orbit
 BACKGROUND_TOLERANCE = 0.1
 BASE_UNET_FOLDER = "base_unet"
@@ -74,6 +76,7 @@ BASE_UNET_FOLDER = "base_unet"
 
 @dataclass(frozen=True)
 class Budget:
+    train_objects: int
     base_steps: int
     multiview_steps: int
     batch_size: int
@@ -83,10 +86,11 @@ class Budget:
     fit_iterations: int
 
 
-BUDGETS = {"full": Budget(base_steps=500, multiview_steps=500, batch_size=4, eval_objects=32, inference_steps=250,
-                          fit_sets=8, fit_iterations=100),
-           "smoke": Budget(base_steps=2, multiview_steps=2, batch_size=2, eval_objects=2, inference_steps=2,
-                           fit_sets=1, fit_iterations=2)}
+BUDGETS = {"full": Budget(train_objects=16384, base_steps=3000, multiview_steps=4000, batch_size=16, eval_objects=32,
+                          inference_steps=250, fit_sets=8, fit_iterations=100),
+           "smoke": Budget(train_objects=4, base_steps=2, multiview_steps=2, batch_size=2, eval_objects=2,
+                           inference_steps=2, fit_sets=1, fit_iterations=2)}
+BASE_LEARNING_RATE, MULTIVIEW_LEARNING_RATE, EMA_DECAY = 2e-3, 1e-3, 0.999
 FIT_RESOLUTION = 16
 
 
@@ -164,23 +168,35 @@ def sample_views(pipe: MultiViewDiffusionPipeline, num_images: int, inference_st
                 generator=torch.Generator().manual_seed(seed)).images
 
 
-def train_base(budget: Budget, output: Path) -> tuple[UNet2DConditionModel, list[float]]:
+def render_training_pool(budget: Budget) -> list[dict[str, torch.Tensor]]:
+    """The ``budget.train_objects`` training objects (``RenderedShapeViews`` of the training seed), rendered once."""
+    dataset = RenderedShapeViews(budget.train_objects, **TOY_VIEWS, seed=TRAIN_SEED)
+    return [dataset[index] for index in tqdm(range(len(dataset)), desc="rendering training views")]
+
+
+def _ema_model(result: TrainingResult, camera_embedding: CameraEmbedding) -> UNet2DConditionModel:
+    result.model.load_state_dict(result.ema_weights, strict=False)
+    camera_embedding.load_state_dict(result.method_ema_weights["camera_embedding"])
+    return remove_multiview(result.model).eval()
+
+
+def train_base(pool: list, budget: Budget, output: Path) -> tuple[UNet2DConditionModel, list[float]]:
     """Stage 1: the 2D base model, every weight trained (every batch 2D: single-view attention, no camera)."""
     unet, camera_embedding = multiview_unet(toy_unet(TRAIN_SEED), NUM_VIEWS)
     method = MultiViewObjective(DDPMScheduler(), camera_embedding, single_view_probability=1.0,
                                 prompt_embeds=torch.zeros(1, 1, TOY_TEXT_WIDTH))
-    config = TrainingConfig(output_dir=str(output / "base"), max_steps=budget.base_steps,
-                            batch_size=budget.batch_size, learning_rate=1e-3, checkpoint_every=0, seed=TRAIN_SEED)
-    dataset = RenderedShapeViews(100_000, **TOY_VIEWS, seed=TRAIN_SEED)
-    result = Trainer(method, unet.train(), dataset, config).train()
-    base = remove_multiview(result.model).eval()
+    config = TrainingConfig(output_dir=str(output / "base"), max_steps=budget.base_steps, batch_size=budget.batch_size,
+                            learning_rate=BASE_LEARNING_RATE, ema_decay=EMA_DECAY, checkpoint_every=0,
+                            seed=TRAIN_SEED)
+    result = Trainer(method, unet.train(), pool, config).train()
+    base = _ema_model(result, camera_embedding)
     base.requires_grad_(False)
     return base, result.losses
 
 
-def train_multiview(base: UNet2DConditionModel, budget: Budget,
+def train_multiview(pool: list, base: UNet2DConditionModel, budget: Budget,
                     output: Path) -> tuple[UNet2DConditionModel, CameraEmbedding, list[float]]:
-    """Stage 2: the base UNet made multi-view, a rank-8 LoRA and the camera MLP trained (2D batches 30%)."""
+    """Stage 2: the base UNet made multi-view and fine-tuned whole with the camera MLP (2D batches 30%)."""
     unet = UNet2DConditionModel.from_config(base.config)
     unet.load_state_dict(base.state_dict())
     unet, camera_embedding = multiview_unet(unet, NUM_VIEWS)
@@ -188,14 +204,10 @@ def train_multiview(base: UNet2DConditionModel, budget: Budget,
                                 single_view_probability=PAPER_SINGLE_VIEW_PROBABILITY,
                                 prompt_embeds=torch.zeros(1, 1, TOY_TEXT_WIDTH))
     config = TrainingConfig(output_dir=str(output / "multiview"), max_steps=budget.multiview_steps,
-                            batch_size=budget.batch_size, learning_rate=1e-3, checkpoint_every=0, seed=TRAIN_SEED,
-                            lora_rank=LORA_RANK)
-    dataset = RenderedShapeViews(100_000, **TOY_VIEWS, seed=TRAIN_SEED)
-    trained = Trainer(method, unet.train(), dataset, config).train()
-    remove_multiview(trained.model)
-    trained.model.fuse_lora()
-    trained.model.unload_lora()
-    return trained.model.eval(), camera_embedding.eval(), trained.losses
+                            batch_size=budget.batch_size, learning_rate=MULTIVIEW_LEARNING_RATE, ema_decay=EMA_DECAY,
+                            checkpoint_every=0, seed=TRAIN_SEED)
+    result = Trainer(method, unet.train(), pool, config).train()
+    return _ema_model(result, camera_embedding), camera_embedding.eval(), result.losses
 
 
 def evaluate(multiview_unet: UNet2DConditionModel, camera_embedding: CameraEmbedding, base: UNet2DConditionModel,
@@ -250,12 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoints", default="training_output/tiny-mvdream-shapes")
     args = parser.parse_args(argv)
     budget, output, work = BUDGETS[args.budget], Path(args.output), Path(args.checkpoints)
-    torch.set_num_threads(1)  # the figures in the card come from a one-thread run on a shared machine
     torch.manual_seed(0)
     start = time.time()
-    base, base_losses = train_base(budget, work)
+    pool = render_training_pool(budget)
+    base, base_losses = train_base(pool, budget, work)
     base_seconds = time.time() - start
-    multiview_unet, camera_embedding, multiview_losses = train_multiview(base, budget, work)
+    multiview_unet, camera_embedding, multiview_losses = train_multiview(pool, base, budget, work)
     train_seconds = time.time() - start
     figures, multiview, per_view = evaluate(multiview_unet, camera_embedding, base, budget)
     eval_seconds = time.time() - start - train_seconds
@@ -266,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         f"unconditional. A {sum(p.numel() for p in base.parameters()) / 1e6:.2f} M-parameter UNet2DConditionModel "
         "trained as a 2D model on single renders "
         f"({budget.base_steps} steps), then made multi-view (self-attention across the views, camera embedding) "
-        f"and fine-tuned with a rank-{LORA_RANK} LoRA (fused here) and the camera MLP for {budget.multiview_steps} "
+        f"and fine-tuned whole with the camera MLP for {budget.multiview_steps} "
         f"steps, 2D batches with probability {PAPER_SINGLE_VIEW_PROBABILITY}. `python -m "
         "diffusers_ext.training.recipes.tiny_multiview_shapes`.\n\n"
         "Held-out figures (DDPM ancestral sampling, 250 steps, default orbit at 15 degrees elevation; lower spread = more consistent views; "

@@ -1,0 +1,1 @@
+from diffusers_ext.pipelines import MultiViewDiffusionPipeline  # noqa: F401
