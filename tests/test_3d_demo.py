@@ -14,7 +14,7 @@ import pytest
 from diffusers_ext.pipelines.three_d.demo import run_3d_demo
 
 SMALL = {"num_iterations": 30, "size": 8, "resolution": 8, "turntable_size": 16, "num_objects": 2,
-         "num_inference_steps": 3}
+         "num_inference_steps": 3, "shipped_inference_steps": 3}
 
 
 def test_the_3d_demo_writes_meshes_turntables_view_grids_and_scores(tmp_path, capsys):
@@ -30,12 +30,17 @@ def test_the_3d_demo_writes_meshes_turntables_view_grids_and_scores(tmp_path, ca
             assert image.width > 0
     with PIL.Image.open(tmp_path / "views_joint.png") as grid:  # 2 objects by 4 views of 8 pixels, enlarged 4 times
         assert grid.size == (4 * 8 * 4, 2 * 8 * 4)
+    for name in ("views_shipped.png", "views_shipped_base.png"):  # the shipped model's 16-pixel views
+        with PIL.Image.open(tmp_path / name) as grid:
+            assert grid.size == (4 * 16 * 4, 2 * 16 * 4)
     written = json.loads((tmp_path / "scores.json").read_text(encoding="utf-8"))
     assert written == pytest.approx(scores)
     for key in ("sds_voxel_iou", "sdi_voxel_iou", "joint_one_shape_fraction", "per_view_one_shape_fraction"):
         assert isinstance(written[key], float) and 0 <= written[key] <= 1
+    for key in ("shipped_colour_spread", "shipped_base_colour_spread"):  # distances between colours in [0, 1]^3
+        assert isinstance(written[key], float) and 0 <= written[key] <= 3 ** 0.5
     table = capsys.readouterr().out
-    assert "SDS" in table and "SDI" in table and "sets of one shape" in table
+    assert "SDS" in table and "SDI" in table and "sets of one shape" in table and "tiny-mvdream-shapes" in table
 
 
 def test_without_trimesh_the_demo_writes_everything_but_the_meshes(tmp_path, monkeypatch, capsys):

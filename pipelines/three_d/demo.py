@@ -5,7 +5,9 @@
   renders, each writing its mesh and turntable; the voxel IoU with the target says how much of the shape came back;
 - multi-view sampling: ``MultiViewDiffusionPipeline`` with the exact joint denoiser of view sets of two shapes
   (``MultiViewMixtureDenoiser``, MVDream's setting, arXiv 2308.16512) next to the same law sampled view by view,
-  as view grids; the fraction of objects whose views all show one shape says whether the views were kept together.
+  as view grids; the fraction of objects whose views all show one shape says whether the views were kept together;
+- the shipped multi-view model (``tiny-mvdream-shapes``): its view sets next to its 2D base model's views sampled one
+  by one, as view grids, with their colour spread across each set's views.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import time
 from pathlib import Path
 
+import PIL.Image
 import torch
 
 from ...testing import ViewConditionedGaussianPrior
@@ -26,6 +29,7 @@ from .shapes import Box, Cylinder, Sphere, voxelize
 
 NUM_VIEWS = 4
 GRID_SCALE = 4  # the view grids' pixels are enlarged (nearest neighbour) so that 16-pixel views can be seen
+SHIPPED_MULTIVIEW_MODEL = "tiny-mvdream-shapes"
 
 
 def target_shape(resolution: int) -> VoxelGrid:
@@ -79,9 +83,10 @@ def comparison_figure(grids: dict[str, VoxelGrid], titles: dict[str, str], path:
 
 
 def sample_view_sets(shapes: list[VoxelGrid], joint: bool, num_objects: int, size: int, num_inference_steps: int,
-                     seed: int = 0) -> tuple[list, float]:
+                     seed: int = 0) -> tuple[torch.Tensor, float]:
     """``num_objects`` view sets from the law of the shapes' orbit renders (variance 0.01), with the exact joint
-    denoiser or view by view; returns the PIL views and the fraction of sets whose views all show one shape."""
+    denoiser or view by view; returns the views ``(B N, 3, H, W)`` in [0, 1] and the fraction of sets whose views
+    all show one shape."""
     from diffusers import DDIMScheduler
 
     from ...testing.multiview_oracle import MultiViewMixtureDenoiser, nearest_shapes, one_shape_fraction
@@ -95,14 +100,45 @@ def sample_view_sets(shapes: list[VoxelGrid], joint: bool, num_objects: int, siz
     out = pipe(num_objects_per_prompt=num_objects, num_inference_steps=num_inference_steps, guidance_scale=1.0,
                output_type="pt", generator=torch.Generator().manual_seed(seed))
     fraction = one_shape_fraction(nearest_shapes(out.images * 2 - 1, renders))
-    return pipe.numpy_to_pil(out.images.permute(0, 2, 3, 1).numpy()), fraction
+    return out.images, fraction
+
+
+def save_view_grid(views: torch.Tensor, path: Path) -> None:
+    """Views ``(B N, 3, H, W)`` in [0, 1] as a grid enlarged ``GRID_SCALE`` times: one row per object."""
+    pixels = (views.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    grid = view_grid([PIL.Image.fromarray(view) for view in pixels], NUM_VIEWS)
+    grid.resize((grid.width * GRID_SCALE, grid.height * GRID_SCALE), resample=0).save(path)
+
+
+def sample_shipped_model(output: Path, num_objects: int, num_inference_steps: int, seed: int = 0) -> dict[str, float]:
+    """``views_shipped.png`` and ``views_shipped_base.png``: ``num_objects`` view sets of the shipped multi-view
+    model and of its 2D base model sampled view by view (the recipe's comparison, DDPM from the default orbit).
+    Returns each one's colour spread (the mean distance between the mean foreground colours of one set's views)."""
+    from diffusers import UNet2DConditionModel
+
+    from ...shipped import load_shipped_pipeline, shipped_model_path
+    from ...training.recipes import tiny_multiview_shapes as recipe
+
+    pipe = load_shipped_pipeline(SHIPPED_MULTIVIEW_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    base = UNet2DConditionModel.from_pretrained(shipped_model_path(SHIPPED_MULTIVIEW_MODEL),
+                                                subfolder=recipe.BASE_UNET_FOLDER)
+    cameras = orbit_cameras(NUM_VIEWS, elevation=recipe.EVAL_ELEVATION)
+    scores = {}
+    for name, sampler in (("shipped", pipe), ("shipped_base", recipe.per_view_pipeline(base))):
+        views = recipe.sample_views(sampler, num_objects * NUM_VIEWS, num_inference_steps, seed, cameras)
+        save_view_grid(views, output / f"views_{name}.png")
+        scores[f"{name}_colour_spread"] = recipe.view_set_figures(views, NUM_VIEWS)["colour_spread"]
+    return scores
 
 
 def run_3d_demo(output: Path, num_iterations: int = 100, size: int = 16, resolution: int = 12,
-                turntable_size: int = 64, num_objects: int = 8, num_inference_steps: int = 20) -> dict[str, float]:
+                turntable_size: int = 64, num_objects: int = 8, num_inference_steps: int = 20,
+                shipped_inference_steps: int = 50) -> dict[str, float]:
     """Writes to ``output``: ``sds/`` and ``sdi/`` (``mesh.glb``, ``turntable.gif``), ``distillation.png``
     (target / SDS / SDI renders with their voxel IoU), ``views_joint.png`` and ``views_per_view.png`` (one row per
-    object, one column per view) and ``scores.json``; the table is printed. Returns the scores."""
+    object, one column per view), the shipped model's ``views_shipped.png`` and ``views_shipped_base.png``
+    (``sample_shipped_model``) and ``scores.json``; the table is printed. Returns the scores."""
     output.mkdir(parents=True, exist_ok=True)
     # trimesh is an optional dependency ([three_d], in [dev]): without it the demo writes everything but the meshes
     write_meshes = importlib.util.find_spec("trimesh") is not None
@@ -125,15 +161,22 @@ def run_3d_demo(output: Path, num_iterations: int = 100, size: int = 16, resolut
         start = time.perf_counter()
         images, fraction = sample_view_sets(shapes, joint, num_objects, size, num_inference_steps)
         scores[f"{name}_one_shape_fraction"] = fraction
-        grid = view_grid(images, NUM_VIEWS)
-        grid.resize((grid.width * GRID_SCALE, grid.height * GRID_SCALE), resample=0).save(output / f"views_{name}.png")
+        save_view_grid(images, output / f"views_{name}.png")
         label = "joint multi-view sampling" if joint else "each view sampled on its own"
         print(f"{label + ', ' + str(num_objects) + ' objects':<44}"
               f"{f'{round(fraction * num_objects)}/{num_objects} sets of one shape':>30}"
               f"{time.perf_counter() - start:>9.1f}")
+    start = time.perf_counter()
+    shipped = sample_shipped_model(output, num_objects, shipped_inference_steps)
+    scores.update(shipped)
+    print(f"{'shipped ' + SHIPPED_MULTIVIEW_MODEL + ', ' + str(num_objects) + ' objects':<44}"
+          f"{'colour spread ' + format(shipped['shipped_colour_spread'], '.3f'):>30}"
+          f"{time.perf_counter() - start:>9.1f}")
+    print(f"{'its 2D base model, each view on its own':<44}"
+          f"{'colour spread ' + format(shipped['shipped_base_colour_spread'], '.3f'):>30}")
     (output / "scores.json").write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
     if not write_meshes:
         print("\nno meshes written: mesh export needs trimesh (pip install 'diffusers-ext[three_d]')")
     print(f"\nwritten to {output}/: sds/ and sdi/ (mesh.glb, turntable.gif), distillation.png, views_joint.png, "
-          "views_per_view.png, scores.json")
+          "views_per_view.png, views_shipped.png, views_shipped_base.png, scores.json")
     return scores
