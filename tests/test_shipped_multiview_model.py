@@ -10,7 +10,7 @@ import pytest
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 from huggingface_hub import ModelCard
 
-from diffusers_ext import shipped_model_path
+from diffusers_ext import load_shipped_pipeline, shipped_model_path
 from diffusers_ext.pipelines.three_d import CameraEmbedding, MultiViewDiffusionPipeline
 from diffusers_ext.pipelines.three_d.demo import SHIPPED_MULTIVIEW_MODEL
 from diffusers_ext.pipelines.three_d.rendering import orbit_cameras
@@ -23,7 +23,7 @@ STEPS = 50  # the pipeline's default number of DDPM steps
 
 @pytest.fixture(scope="module")
 def pipe():
-    pipe = DiffusionPipeline.from_pretrained(shipped_model_path(NAME), trust_remote_code=True)
+    pipe = load_shipped_pipeline(NAME)  # stock DiffusionPipeline.from_pretrained(..., trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
