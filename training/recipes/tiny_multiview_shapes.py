@@ -31,8 +31,8 @@ and scored (``view_set_figures``) against real renders of held-out shapes from t
 - held-out-view error (``held_out_view_error``): a voxel grid fitted to three views of a set
   (``rendering.fit_voxel_grid``) renders the fourth camera; its mean squared error to the fourth view.
 
-The folder is the multi-view model as a ``MultiViewDiffusionPipeline`` (LoRA fused into the UNet, the camera
-embedding as its own component) saved with ``save_for_hub``, plus ``base_unet/`` (the 2D base model the benchmark
+The folder is the multi-view model as a ``MultiViewDiffusionPipeline`` (the UNet and the camera embedding, each as
+its own component) saved with ``save_for_hub``, plus ``base_unet/`` (the 2D base model the benchmark
 compares with), ``training_report.json`` and ``samples.png``. ``--budget smoke`` runs every stage in seconds.
 """
 
