@@ -3,7 +3,8 @@ multi-view model as the prior.
 
     python benchmarks/sdi_target_error.py [--objects 2] [--seed 0]
 
-Real renders of held-out random shapes (the data ``tiny-mvdream-shapes`` was trained on) are taken as the current
+Real renders of held-out random shapes from the default orbit (``tiny_multiview_shapes.real_view_sets``, the data
+``tiny-mvdream-shapes`` was trained on) are taken as the current
 ``x0`` of ``ScoreDistillation`` with ``MultiViewPrior`` (guidance 1, the model being unconditional). For each
 timestep the script prints the root mean square and the largest entry of each method's gradient with respect to
 ``x0`` (``ScoreDistillation.gradient``): SDS's ``sigma_t^2 (eps_hat - eps)`` and SDI's ``x0 - x0_target``, where
@@ -19,12 +20,10 @@ import argparse
 import torch
 
 from diffusers_ext.pipelines.three_d.demo import SHIPPED_MULTIVIEW_MODEL
-from diffusers_ext.pipelines.three_d.rendering import random_orbit_cameras, render
+from diffusers_ext.pipelines.three_d.rendering import orbit_cameras
 from diffusers_ext.pipelines.three_d.score_distillation import MultiViewPrior, ScoreDistillation
-from diffusers_ext.pipelines.three_d.shapes import random_shape
 from diffusers_ext.shipped import load_shipped_pipeline
-from diffusers_ext.training.multiview import _item_seed
-from diffusers_ext.training.recipes.tiny_multiview_shapes import HELD_OUT_SEED
+from diffusers_ext.training.recipes.tiny_multiview_shapes import EVAL_ELEVATION, HELD_OUT_SEED, real_view_sets
 
 TIMESTEPS = (980, 800, 500, 200, 50)
 
@@ -38,11 +37,9 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     prior, num_views = MultiViewPrior(pipe), pipe.num_views
     generator = torch.Generator().manual_seed(args.seed)
-    cameras = random_orbit_cameras(args.objects, num_views, generator)
-    with torch.no_grad():
-        x0 = torch.cat([render(random_shape(torch.Generator().manual_seed(_item_seed(HELD_OUT_SEED, index)),
-                                            resolution=16), cameras[index * num_views:(index + 1) * num_views], 16, 16)
-                        for index in range(args.objects)]) * 2 - 1
+    orbit = orbit_cameras(num_views, elevation=EVAL_ELEVATION)
+    x0 = real_view_sets(args.objects, HELD_OUT_SEED, orbit) * 2 - 1
+    cameras = orbit.repeat(args.objects, 1, 1)
     prompts = [""] * x0.shape[0]
     print(f"{'t':>5}{'SDS rms':>10}{'SDS max':>10}{'SDI rms':>10}{'SDI max':>10}")
     for timestep in TIMESTEPS:
